@@ -1,0 +1,86 @@
+"""ISTA kernels for CRATE (installed as ``wbscale.kernels``).
+
+The model calls :func:`ista` and nothing else; ``kernel`` picks the implementation:
+
+- ``eager``: the minimal-GEMM PyTorch reference (:mod:`.reference`);
+- ``compile``: ``torch.compile`` of that reference;
+- ``triton``: the fused Triton forward/backward (:mod:`.ista_triton`); on CPU tensors it needs
+  ``TRITON_INTERPRET=1`` (slow, exact: how the tests check it without a GPU);
+- ``auto``: triton on CUDA tensors, eager elsewhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+
+from torch import Tensor
+
+from .reference import (
+    ista_overcomplete_published,
+    ista_overcomplete_reference,
+    ista_square_published,
+    ista_square_reference,
+)
+
+__all__ = [
+    "KERNELS",
+    "VARIANTS",
+    "ista",
+    "ista_overcomplete_published",
+    "ista_overcomplete_reference",
+    "ista_square_published",
+    "ista_square_reference",
+    "resolve_kernel",
+]
+
+VARIANTS = ("overcomplete", "square")
+KERNELS = ("auto", "triton", "eager", "compile")
+
+_REFERENCES: dict[str, Callable] = {
+    "overcomplete": ista_overcomplete_reference,
+    "square": ista_square_reference,
+}
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_kernel(kernel: str, device_type: str) -> str:
+    """Map ``auto`` to a concrete kernel for tensors on ``device_type``."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown ISTA kernel {kernel!r}; choose one of {KERNELS}")
+    if kernel == "auto":
+        return "triton" if device_type == "cuda" else "eager"
+    return kernel
+
+
+@functools.cache
+def _compiled(variant: str) -> Callable:
+    import torch
+
+    return torch.compile(_REFERENCES[variant], dynamic=False)
+
+
+def ista(
+    x: Tensor,
+    weight: Tensor,
+    *,
+    variant: str = "overcomplete",
+    eta: float = 0.1,
+    lam: float = 0.1,
+    kernel: str = "auto",
+    return_code: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Run one ISTA block; with ``return_code`` also return the sparse code z."""
+    if variant not in _REFERENCES:
+        raise ValueError(f"unknown ISTA variant {variant!r}; choose one of {VARIANTS}")
+    impl = resolve_kernel(kernel, x.device.type)
+    if impl == "triton":
+        from . import ista_triton
+
+        return ista_triton.ista_triton(x, weight, variant=variant, eta=eta, lam=lam, return_code=return_code)
+    fn = _compiled(variant) if impl == "compile" else _REFERENCES[variant]
+    return fn(x, weight, eta, lam, return_code)

@@ -1,0 +1,390 @@
+"""Typed recipe: one YAML file -> nested dataclasses, validated, with ``--set`` overrides.
+
+A recipe is the single source of truth for a run. ``load_recipe`` reads it, applies
+``a.b=c`` overrides, checks every key and value, and returns a :class:`Recipe`; the
+resolved recipe is saved next to every run and inside every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from wbscale.errors import UserError, did_you_mean
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RECIPES_DIR = REPO_ROOT / "recipes"
+
+
+@dataclass
+class ModelConfig:
+    """Architecture. ``arch`` picks the model class; sizes follow nanoGPT's names."""
+
+    arch: Literal["crate", "gpt2"] = "crate"
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 128
+    vocab_size: int = 0  # 0: take it from the prepared tokenizer
+    dropout: float = 0.0
+    # CRATE ISTA block (DESIGN.md): overcomplete = 4x dictionary, two steps, output D z2
+    ista_variant: Literal["overcomplete", "square"] = "overcomplete"
+    ista_expansion: int = 4
+    ista_eta: float = 0.1
+    ista_lambda: float = 0.1
+    ista_kernel: Literal["auto", "triton", "eager", "compile"] = "auto"
+    # GPT-2 baseline: a hub id or local folder with HF GPT-2 safetensors to start from
+    pretrained: str | None = None
+
+
+@dataclass
+class DataConfig:
+    """Where text comes from and how it becomes token shards."""
+
+    # synthetic-stories | hf:<dataset name> | path to a .txt / .jsonl / .parquet file or folder
+    source: str = "synthetic-stories"
+    hf_config: str | None = None
+    hf_split: str = "train"
+    text_field: str = "text"
+    separator: str = "<|endoftext|>"  # document separator for .txt sources
+    max_documents: int | None = None  # cap on documents read (None: all)
+    synthetic_documents: int = 20000
+    # "bpe" trains a byte-level BPE on the training text; otherwise a path to tokenizer.json
+    tokenizer: str = "bpe"
+    vocab_size: int = 2048
+    val_fraction: float = 0.02
+    shard_tokens: int = 10_000_000
+    out_dir: str = "data/synthetic-stories"
+    workers: int = 0  # 0: one per CPU core
+    seed: int = 1337
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay to ``min_lr``."""
+
+    max_lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    """The training loop: steps, batches, precision, evaluation, checkpoints."""
+
+    run_name: str = "demo"
+    runs_dir: str = "runs"
+    max_steps: int = 1000
+    micro_batch_size: int = 16
+    grad_accum: int = 1
+    precision: Literal["auto", "32", "bf16-mixed", "16-mixed", "bf16-true"] = "auto"
+    compile: bool = False
+    seed: int = 1337
+    deterministic: bool = True
+    log_every: int = 10
+    val_every: int = 100
+    val_batches: int = 20
+    ckpt_every: int = 100
+    keep_last: int = 3
+    sample_every: int = 0  # 0: samples at the end of training only
+    sample_prompts: list[str] = field(default_factory=lambda: ["Once upon a time"])
+    sample_max_new_tokens: int = 64
+    sample_temperature: float = 0.8
+    sample_top_k: int = 40
+
+
+@dataclass
+class WandbConfig:
+    """wandb run settings; ``auto`` is online with a key, offline without."""
+
+    project: str = "wbscale"
+    entity: str | None = None
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+    group: str | None = None
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+
+
+@dataclass
+class TrackingConfig:
+    """Run tracking: wandb plus the white-box metrics cadence."""
+
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    metrics_every: int = 100
+
+
+@dataclass
+class DistributedConfig:
+    """How the run is spread over processes and machines."""
+
+    strategy: Literal["auto", "ddp", "deepspeed"] = "auto"
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    devices: int = 1
+    nodes: int = 1
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    activation_checkpointing: bool = False
+    deepspeed_extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Recipe:
+    """A complete run description."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.train.runs_dir) / self.train.run_name
+
+
+# ---------------------------------------------------------------------------- building
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert the obvious cases."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except UserError as err:
+                errors.append(str(err))
+        raise UserError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is Literal:
+        choices = get_args(tp)
+        for choice in choices:
+            if value == choice or str(value) == str(choice):
+                return choice
+        raise UserError(
+            f"{where}: {value!r} is not one of {', '.join(repr(c) for c in choices)}"
+            + did_you_mean(str(value), [str(c) for c in choices])
+        )
+    if origin is list:
+        (item_tp,) = get_args(tp)
+        if isinstance(value, (str, int, float)):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise UserError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise UserError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if float(value).is_integer() else int(value)
+            except ValueError:
+                pass
+        raise UserError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise UserError(f"{where}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise UserError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise UserError(f"{where}: expected a string, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    raise TypeError(f"unsupported annotation {tp!r} at {where}")  # a bug, not a user error
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{where or 'recipe'}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            known = [f"{where}.{k}" if where else k for k in fields]
+            raise UserError(f"unknown key '{dotted}'" + did_you_mean(dotted, known))
+        kwargs[key] = _coerce(value, hints[key], dotted)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise UserError(f"--set {dotted}: '{key}' is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """Parse ``["a.b=c", ...]``; values are read as YAML (``3``, ``true``, ``[1, 2]``)."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set optim.max_lr=3e-4")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def recipe_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> Recipe:
+    """Build and validate a recipe from a mapping plus ``a.b=c`` overrides."""
+    data = _deepcopy(data or {})
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(data, key, value)
+    recipe = _build(Recipe, data, "")
+    validate(recipe)
+    return recipe
+
+
+def _deepcopy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deepcopy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deepcopy(v) for v in data]
+    return data
+
+
+def resolve_recipe_path(name_or_path: str) -> Path:
+    """A path to a YAML file, or the name of a recipe under ``recipes/``."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    named = RECIPES_DIR / f"{name_or_path}.yaml"
+    if named.is_file():
+        return named
+    known = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    raise UserError(
+        f"recipe '{name_or_path}' not found: no such file and no recipes/{name_or_path}.yaml"
+        + did_you_mean(name_or_path, known)
+        + (f" (known recipes: {', '.join(known)})" if known else "")
+    )
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe YAML (path or name under ``recipes/``) and apply overrides."""
+    path = resolve_recipe_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML ({err})") from None
+    try:
+        return recipe_from_dict(data, overrides)
+    except UserError as err:
+        raise UserError(f"{path}: {err}") from None
+
+
+def save_recipe(recipe: Recipe, path: Path) -> None:
+    """Write the resolved recipe as YAML (atomically)."""
+    from wbscale.io import atomic_write_text
+
+    atomic_write_text(Path(path), recipe.to_yaml())
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise UserError(msg)
+
+
+def validate(r: Recipe) -> None:
+    """Value checks that types alone cannot express."""
+    m, d, o, t, dist = r.model, r.data, r.optim, r.train, r.distributed
+    for name in ("n_layer", "n_head", "n_embd", "block_size"):
+        _check(getattr(m, name) >= 1, f"model.{name} must be >= 1 (got {getattr(m, name)})")
+    _check(
+        m.n_embd % m.n_head == 0,
+        f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})",
+    )
+    _check(m.vocab_size >= 0, f"model.vocab_size must be >= 0 (got {m.vocab_size}); 0 = from tokenizer")
+    _check(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1) (got {m.dropout})")
+    _check(m.ista_expansion >= 1, f"model.ista_expansion must be >= 1 (got {m.ista_expansion})")
+    _check(m.ista_eta > 0, f"model.ista_eta must be > 0 (got {m.ista_eta})")
+    _check(m.ista_lambda >= 0, f"model.ista_lambda must be >= 0 (got {m.ista_lambda})")
+    _check(d.vocab_size >= 257, f"data.vocab_size must be >= 257 for byte-level BPE (got {d.vocab_size})")
+    _check(0.0 < d.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5) (got {d.val_fraction})")
+    _check(d.shard_tokens >= 1024, f"data.shard_tokens must be >= 1024 (got {d.shard_tokens})")
+    _check(d.workers >= 0, f"data.workers must be >= 0 (got {d.workers})")
+    _check(d.synthetic_documents >= 10, f"data.synthetic_documents must be >= 10 (got {d.synthetic_documents})")
+    _check(o.max_lr > 0, f"optim.max_lr must be > 0 (got {o.max_lr})")
+    _check(0 <= o.min_lr <= o.max_lr, f"optim.min_lr must be in [0, optim.max_lr] (got {o.min_lr})")
+    _check(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0 (got {o.warmup_steps})")
+    _check(o.weight_decay >= 0, f"optim.weight_decay must be >= 0 (got {o.weight_decay})")
+    _check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)")
+    _check(o.grad_clip >= 0, f"optim.grad_clip must be >= 0 (got {o.grad_clip}); 0 disables it")
+    _check(t.run_name.strip() != "" and "/" not in t.run_name, f"train.run_name must be a plain name (got {t.run_name!r})")
+    for name in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "val_every", "val_batches", "ckpt_every", "keep_last"):
+        _check(getattr(t, name) >= 1, f"train.{name} must be >= 1 (got {getattr(t, name)})")
+    _check(t.sample_every >= 0, f"train.sample_every must be >= 0 (got {t.sample_every})")
+    _check(t.sample_max_new_tokens >= 0, "train.sample_max_new_tokens must be >= 0")
+    _check(t.sample_temperature > 0, f"train.sample_temperature must be > 0 (got {t.sample_temperature})")
+    _check(r.tracking.metrics_every >= 0, "tracking.metrics_every must be >= 0 (0 disables)")
+    _check(dist.zero_stage in (1, 2, 3), f"distributed.zero_stage must be 1, 2 or 3 (got {dist.zero_stage})")
+    _check(dist.devices >= 1 and dist.nodes >= 1, "distributed.devices and distributed.nodes must be >= 1")
+    if m.pretrained is not None:
+        _check(m.arch == "gpt2", "model.pretrained is only supported for model.arch: gpt2")
