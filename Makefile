@@ -1,0 +1,39 @@
+# wbscale: `make demo` trains the demo CRATE on CPU; `make test` runs the test suite.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# On a machine without an NVIDIA GPU take the CPU build of torch first: a bare `torch`
+# requirement would pull a multi-GB CUDA build.
+HAS_NVIDIA_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+TORCH_CPU_PIN  ?= torch==2.13.0
+PYTEST_ARGS    ?=
+
+.PHONY: venv demo test test-fast lint bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+ifeq ($(HAS_NVIDIA_GPU),)
+	$(BIN)/pip install --quiet $(TORCH_CPU_PIN)
+endif
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: venv
+	$(BIN)/wbscale fit --recipe demo
+
+test: venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: venv
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check wbscale kernels tests
+
+bench: venv
+	$(BIN)/wbscale bench kernels
+
+clean:
+	rm -rf runs data/synthetic-stories .pytest_cache

@@ -1,0 +1,210 @@
+"""Atomic checkpoints: one folder per step, a ``last`` pointer, keep-last-N.
+
+Layout under ``runs/<run>/checkpoints/``::
+
+    step-00000100/
+        model.ckpt      Lightning checkpoint (a folder of shards under DeepSpeed)
+        meta.json       step, samples, topology, recipe, tokenizer hash, wandb id
+    last                text file naming the newest complete checkpoint folder
+
+A checkpoint is written into ``.tmp-step-…``, fsynced, then renamed; ``last`` is
+replaced atomically after that. A crash at any point leaves ``last`` naming a complete
+checkpoint (or no ``last`` at all), never a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from wbscale.errors import UserError
+from wbscale.io import atomic_write_json, atomic_write_text, fsync_dir, fsync_tree
+
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+MODEL_FILE = "model.ckpt"
+META_FILE = "meta.json"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A complete checkpoint folder and its metadata."""
+
+    path: Path
+    step: int
+    meta: dict[str, Any]
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / MODEL_FILE
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def read_checkpoint(path: Path) -> CheckpointInfo:
+    """Open a checkpoint folder (or its ``model.ckpt``); UserError if incomplete."""
+    path = Path(path)
+    if path.name == MODEL_FILE:
+        path = path.parent
+    if path.is_dir() and (path / "checkpoints").is_dir():  # a run folder: take its newest
+        found = latest_checkpoint(path)
+        if found is None:
+            raise UserError(f"{path}: run folder has no complete checkpoint")
+        return found
+    if path.is_dir() and (path / "last").is_file():  # a checkpoints/ folder
+        found = latest_checkpoint(path.parent)
+        if found is not None:
+            return found
+    meta_path = path / META_FILE
+    if not path.is_dir() or not meta_path.is_file() or not (path / MODEL_FILE).exists():
+        raise UserError(
+            f"{path}: not a complete wbscale checkpoint (expected {META_FILE} and {MODEL_FILE}); "
+            "pass a folder like runs/<run>/checkpoints/step-00000100 or a run folder"
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{meta_path}: corrupt checkpoint metadata ({err})") from None
+    return CheckpointInfo(path=path, step=int(meta["step"]), meta=meta)
+
+
+def list_checkpoints(run_dir: Path) -> list[CheckpointInfo]:
+    """Complete checkpoints of a run, oldest first (temp folders are ignored)."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        if STEP_DIR.match(child.name) and (child / META_FILE).is_file() and (child / MODEL_FILE).exists():
+            found.append(read_checkpoint(child))
+    return sorted(found, key=lambda c: c.step)
+
+
+def latest_checkpoint(run_dir: Path) -> CheckpointInfo | None:
+    """The checkpoint ``last`` names; the newest complete one if ``last`` is stale."""
+    root = checkpoints_dir(run_dir)
+    pointer = root / "last"
+    if pointer.is_file():
+        target = root / pointer.read_text().strip()
+        if (target / META_FILE).is_file() and (target / MODEL_FILE).exists():
+            return read_checkpoint(target)
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def _step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+class AtomicCheckpoint(L.Callback):
+    """Save every ``every`` optimizer steps and at the end of training.
+
+    ``meta_fn()`` returns the run's metadata (recipe, tokenizer hash, wandb id, …); the
+    callback adds step, samples and topology.
+    """
+
+    def __init__(self, run_dir: Path, every: int, keep_last: int, meta_fn=None):
+        self.run_dir = Path(run_dir)
+        self.every = every
+        self.keep_last = keep_last
+        self.meta_fn = meta_fn or (lambda: {})
+        self.last_saved_step: int | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        accum = trainer.accumulate_grad_batches
+        if (batch_idx + 1) % accum != 0:
+            return
+        step = trainer.global_step
+        if step % self.every == 0 or step >= (trainer.max_steps or 0):
+            self.save(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.last_saved_step != trainer.global_step and trainer.global_step > 0:
+            self.save(trainer)
+
+    def save(self, trainer: L.Trainer) -> Path:
+        """Write a checkpoint for the current step on every rank; returns its folder."""
+        step = trainer.global_step
+        root = checkpoints_dir(self.run_dir)
+        final = root / _step_dir_name(step)
+        tmp = root / f".tmp-{_step_dir_name(step)}"
+        if trainer.is_global_zero:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        trainer.strategy.barrier("wbscale-ckpt-begin")
+        trainer.save_checkpoint(tmp / MODEL_FILE)
+        trainer.strategy.barrier("wbscale-ckpt-written")
+        if trainer.is_global_zero:
+            datamodule = trainer.datamodule
+            meta = {
+                "step": step,
+                "samples": datamodule.samples_consumed() if datamodule is not None else None,
+                "world_size": trainer.world_size,
+                "strategy": type(trainer.strategy).__name__,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "torch": torch.__version__,
+                **self.meta_fn(),
+            }
+            atomic_write_json(tmp / META_FILE, meta)
+            fsync_tree(tmp)
+            if final.exists():  # a re-save of the same step (e.g. end of a resumed, finished run)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            fsync_dir(root)
+            atomic_write_text(root / "last", final.name + "\n")
+            self._prune(root)
+        trainer.strategy.barrier("wbscale-ckpt-done")
+        self.last_saved_step = step
+        return final
+
+    def _prune(self, root: Path) -> None:
+        complete = list_checkpoints(self.run_dir)
+        for old in complete[: max(0, len(complete) - self.keep_last)]:
+            shutil.rmtree(old.path, ignore_errors=True)
+        for stray in root.glob(".tmp-step-*"):  # leftovers of a crash mid-save
+            shutil.rmtree(stray, ignore_errors=True)
+
+
+def inspect_checkpoint(path: Path) -> dict[str, Any]:
+    """Step, topology, size, tokens seen and an integrity check of a checkpoint."""
+    info = read_checkpoint(path)
+    files = [p for p in info.path.rglob("*") if p.is_file()]
+    recipe = info.meta.get("recipe", {})
+    block = recipe.get("model", {}).get("block_size")
+    samples = info.meta.get("samples")
+    problems = []
+    model_path = info.model_path
+    if model_path.is_file():
+        try:
+            state = torch.load(model_path, map_location="cpu", weights_only=False)
+            if "state_dict" not in state:
+                problems.append(f"{model_path}: no state_dict")
+        except Exception as err:  # a truncated or foreign file: report, don't crash
+            problems.append(f"{model_path}: unreadable ({type(err).__name__}: {err})")
+    return {
+        "path": str(info.path),
+        "step": info.step,
+        "samples": samples,
+        "tokens_seen": samples * block if samples is not None and block else None,
+        "world_size": info.meta.get("world_size"),
+        "strategy": info.meta.get("strategy"),
+        "size_bytes": sum(p.stat().st_size for p in files),
+        "files": len(files),
+        "model": recipe.get("model", {}),
+        "tokenizer_sha256": info.meta.get("tokenizer_sha256"),
+        "wandb_id": info.meta.get("wandb_id"),
+        "ok": not problems,
+        "problems": problems,
+    }

@@ -1,0 +1,247 @@
+"""``wbscale fit``: prepare data if needed, build trainer + callbacks, train, resume.
+
+This is the engineering side of a run (the research side is :mod:`.module`): it decides
+what to resume from, checks that the checkpoint belongs to this model and tokenizer,
+wires loggers and callbacks, and writes the run folder::
+
+    runs/<run>/recipe.yaml  checkpoints/  metrics.jsonl  samples.jsonl  plots/  wandb/
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from wbscale.config import Recipe, recipe_from_dict, save_recipe
+from wbscale.data.loader import load_manifest
+from wbscale.data.prepare import prepare
+from wbscale.data.tokenizer import load_tokenizer
+from wbscale.errors import UserError
+from wbscale.train.checkpoint import AtomicCheckpoint, CheckpointInfo, latest_checkpoint, read_checkpoint
+from wbscale.train.datamodule import TokenDataModule
+from wbscale.train.module import LMModule
+
+
+@dataclass
+class FitResult:
+    """What a call to :func:`fit` did."""
+
+    run_dir: Path
+    step: int
+    resumed_from: int | None
+    already_complete: bool = False
+
+
+def is_rank_zero() -> bool:
+    """True on the launching process (before any process group exists)."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0 and int(
+        os.environ.get("LOCAL_RANK", "0")
+    ) == 0
+
+
+def say(msg: str) -> None:
+    if is_rank_zero():
+        print(f"[wbscale] {msg}", file=sys.stderr, flush=True)
+
+
+def resolve_vocab(recipe: Recipe, data_dir: Path) -> Recipe:
+    """Fill ``model.vocab_size`` from the tokenizer (rounded up to a multiple of 64)."""
+    manifest = load_manifest(data_dir, verify=False)
+    vocab = int(manifest["vocab_size"])
+    if recipe.model.vocab_size == 0:
+        padded = (vocab + 63) // 64 * 64  # GEMM-friendly; the extra rows are never targets
+        return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, vocab_size=padded))
+    if recipe.model.vocab_size < vocab:
+        raise UserError(
+            f"model.vocab_size ({recipe.model.vocab_size}) is smaller than the tokenizer's "
+            f"vocabulary ({vocab}); set model.vocab_size: 0 to take it from the tokenizer"
+        )
+    return recipe
+
+
+def ensure_data(recipe: Recipe, progress: bool = True) -> Path:
+    """Prepare the recipe's token shards unless they are already there and intact."""
+    data_dir = Path(recipe.data.out_dir)
+    if is_rank_zero():
+        prepare(recipe.data, progress=progress)
+    load_manifest(data_dir, verify=True)
+    return data_dir
+
+
+def resolve_resume(run_dir: Path, resume: str) -> CheckpointInfo | None:
+    """``auto``: newest checkpoint if any; ``never``: refuse a run folder with checkpoints."""
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    if resume == "never":
+        existing = latest_checkpoint(run_dir)
+        if existing is not None:
+            raise UserError(
+                f"{run_dir} already has checkpoints (newest: step {existing.step}); "
+                "pass --resume auto to continue it, or choose another train.run_name"
+            )
+        return None
+    return read_checkpoint(Path(resume))
+
+
+def check_compatible(recipe: Recipe, ckpt: CheckpointInfo, tokenizer_sha: str) -> None:
+    """Refuse a checkpoint of another model shape or tokenizer, naming what differs."""
+    saved = recipe_from_dict(ckpt.meta["recipe"])
+    mine, theirs = dataclasses.asdict(recipe.model), dataclasses.asdict(saved.model)
+    runtime_only = {"ista_kernel", "dropout"}  # may change between runs without changing the weights
+    diffs = [
+        f"model.{k}: checkpoint {theirs[k]!r} vs recipe {mine[k]!r}"
+        for k in mine
+        if k not in runtime_only and mine[k] != theirs[k]
+    ]
+    if diffs:
+        raise UserError(
+            f"checkpoint {ckpt.path} was trained with another model config ("
+            + "; ".join(diffs)
+            + "); resume it with its own recipe (runs/<run>/recipe.yaml) or start a new run name"
+        )
+    if ckpt.meta.get("tokenizer_sha256") not in (None, tokenizer_sha):
+        raise UserError(
+            f"checkpoint {ckpt.path} was trained with another tokenizer "
+            f"(sha256 {ckpt.meta['tokenizer_sha256'][:12]}… vs {tokenizer_sha[:12]}… in "
+            f"{recipe.data.out_dir}); point data.out_dir at the data it was trained on"
+        )
+
+
+def precision_for(recipe: Recipe, accelerator: str) -> str:
+    if recipe.train.precision != "auto":
+        return recipe.train.precision if recipe.train.precision != "32" else "32-true"
+    if accelerator == "gpu" and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def accelerator_for(recipe: Recipe) -> str:
+    if recipe.distributed.accelerator != "auto":
+        return recipe.distributed.accelerator
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def build_callbacks(recipe: Recipe, run_dir: Path, data_dir: Path, meta: dict[str, Any], progress: bool) -> list[L.Callback]:
+    """Checkpointing, white-box metrics, samples, plots, progress bar."""
+    from wbscale.track.callbacks import Plots, SampleGeneration, WhiteBoxMetrics
+    from wbscale.data.loader import val_batches
+
+    t = recipe.train
+    callbacks: list[L.Callback] = [
+        AtomicCheckpoint(run_dir, every=t.ckpt_every, keep_last=t.keep_last, meta_fn=lambda: meta),
+    ]
+    if recipe.tracking.metrics_every > 0:
+        # A fixed held-out batch so metrics are comparable step to step.
+        x, _ = val_batches(data_dir, recipe.model.block_size, t.micro_batch_size, 1)[0]
+        callbacks.append(WhiteBoxMetrics(x, every=recipe.tracking.metrics_every))
+    if t.sample_prompts and t.sample_max_new_tokens > 0:
+        callbacks.append(
+            SampleGeneration(
+                load_tokenizer(data_dir),
+                prompts=t.sample_prompts,
+                max_new_tokens=t.sample_max_new_tokens,
+                temperature=t.sample_temperature,
+                top_k=t.sample_top_k,
+                every=t.sample_every,
+                out_path=run_dir / "samples.jsonl",
+            )
+        )
+    callbacks.append(Plots(run_dir))
+    if progress:
+        from lightning.pytorch.callbacks import TQDMProgressBar
+
+        callbacks.append(TQDMProgressBar(refresh_rate=max(1, t.log_every)))
+    return callbacks
+
+
+def build_loggers(recipe: Recipe, run_dir: Path, resume_step: int) -> list:
+    from wbscale.track.jsonl_logger import JSONLLogger
+    from wbscale.track.wandb_run import make_wandb_logger
+
+    loggers: list = [JSONLLogger(run_dir / "metrics.jsonl", resume_step=resume_step)]
+    wandb_logger = make_wandb_logger(recipe, run_dir)
+    if wandb_logger is not None:
+        loggers.append(wandb_logger)
+    return loggers
+
+
+def fit(recipe: Recipe, resume: str = "auto", progress: bool | None = None) -> FitResult:
+    """Train (or resume) the run a recipe describes; returns where it ended."""
+    if progress is None:
+        progress = sys.stderr.isatty()
+    run_dir = recipe.run_dir
+    data_dir = ensure_data(recipe, progress=progress)
+    recipe = resolve_vocab(recipe, data_dir)
+    manifest = load_manifest(data_dir, verify=False)
+    tokenizer_sha = manifest["tokenizer_sha256"]
+
+    ckpt = resolve_resume(run_dir, resume)
+    if ckpt is not None:
+        check_compatible(recipe, ckpt, tokenizer_sha)
+        if ckpt.step >= recipe.train.max_steps:
+            say(
+                f"run '{recipe.train.run_name}' is complete: checkpoint at step {ckpt.step} of "
+                f"{recipe.train.max_steps} ({ckpt.path}). Raise train.max_steps to train further, "
+                "or choose another train.run_name."
+            )
+            return FitResult(run_dir, ckpt.step, ckpt.step, already_complete=True)
+        say(f"resuming '{recipe.train.run_name}' from step {ckpt.step} ({ckpt.path})")
+
+    if is_rank_zero():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_recipe(recipe, run_dir / "recipe.yaml")
+
+    from wbscale.track.wandb_run import wandb_run_id
+
+    L.seed_everything(recipe.train.seed, workers=True, verbose=False)
+    accelerator = accelerator_for(recipe)
+    loggers = build_loggers(recipe, run_dir, resume_step=ckpt.step if ckpt else 0)
+    meta = {
+        "recipe": recipe.to_dict(),
+        "tokenizer_sha256": tokenizer_sha,
+        "wandb_id": wandb_run_id(run_dir),
+        "data_dir": str(data_dir),
+    }
+    module = LMModule(recipe, extra_state={"tokenizer_sha256": tokenizer_sha, "wandb_id": meta["wandb_id"]})
+    datamodule = TokenDataModule(recipe, data_dir)
+    t = recipe.train
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=recipe.distributed.devices,
+        num_nodes=recipe.distributed.nodes,
+        strategy="auto" if recipe.distributed.strategy == "auto" else recipe.distributed.strategy,
+        precision=precision_for(recipe, accelerator),
+        max_steps=t.max_steps,
+        accumulate_grad_batches=t.grad_accum,
+        gradient_clip_val=recipe.optim.grad_clip or None,
+        val_check_interval=t.val_every * t.grad_accum,
+        check_val_every_n_epoch=None,
+        limit_val_batches=t.val_batches,
+        num_sanity_val_steps=0,
+        logger=loggers,
+        callbacks=build_callbacks(recipe, run_dir, data_dir, meta, progress),
+        enable_checkpointing=False,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        deterministic=t.deterministic and accelerator == "cpu",
+        default_root_dir=str(run_dir),
+        use_distributed_sampler=False,
+        log_every_n_steps=t.log_every,
+    )
+    if t.compile:
+        module.model.compile()  # in place: parameter names (and checkpoints) stay unchanged
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt.model_path) if ckpt else None)
+    return FitResult(run_dir, trainer.global_step, ckpt.step if ckpt else None)
+
+
+def recipe_for_resume(ckpt_path: Path, overrides: list[str]) -> Recipe:
+    """The resolved recipe stored in a checkpoint, plus ``--set`` overrides."""
+    info = read_checkpoint(ckpt_path)
+    return recipe_from_dict(info.meta["recipe"], overrides)

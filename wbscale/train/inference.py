@@ -1,0 +1,137 @@
+"""Load a trained or imported model for eval/generate, and export inference folders.
+
+Two on-disk forms are accepted wherever a ``--ckpt`` is asked for:
+
+- a training checkpoint (``runs/<run>/checkpoints/step-…`` or a run folder), and
+- an inference folder: ``model.safetensors`` + ``recipe.yaml`` (+ ``tokenizer.json``),
+  written by ``wbscale ckpt import`` and ``wbscale ckpt consolidate``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_model, save_model
+from tokenizers import Tokenizer
+
+from wbscale.config import Recipe, recipe_from_dict, save_recipe
+from wbscale.errors import UserError
+from wbscale.models import build_model
+from wbscale.models.base import LanguageModel
+from wbscale.train.checkpoint import MODEL_FILE, read_checkpoint
+
+WEIGHTS_FILE = "model.safetensors"
+RECIPE_FILE = "recipe.yaml"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def _load_training_checkpoint(path: Path) -> tuple[LanguageModel, Recipe, Path | None]:
+    info = read_checkpoint(path)
+    recipe = recipe_from_dict(info.meta["recipe"])
+    model = build_model(recipe.model)
+    model_path = info.model_path
+    if model_path.is_dir():
+        raise UserError(
+            f"{info.path} is a sharded (DeepSpeed) checkpoint; run `wbscale ckpt consolidate "
+            f"{info.path} --out DIR` first and pass DIR"
+        )
+    state = torch.load(model_path, map_location="cpu", weights_only=False)["state_dict"]
+    weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    model.load_state_dict(weights)
+    tokenizer = Path(info.meta.get("data_dir", recipe.data.out_dir)) / TOKENIZER_FILE
+    return model, recipe, tokenizer if tokenizer.is_file() else None
+
+
+def _load_inference_folder(path: Path) -> tuple[LanguageModel, Recipe, Path | None]:
+    recipe = recipe_from_dict(yaml.safe_load((path / RECIPE_FILE).read_text()))
+    # Weights come from the folder, not from the hub id the recipe may name.
+    model = build_model(dataclasses.replace(recipe.model, pretrained=None))
+    load_model(model, str(path / WEIGHTS_FILE))
+    tokenizer = path / TOKENIZER_FILE
+    return model, recipe, tokenizer if tokenizer.is_file() else None
+
+
+def load_for_inference(
+    path: str | Path, tokenizer: str | Path | None = None, device: str = "cpu"
+) -> tuple[LanguageModel, Recipe, Tokenizer | None]:
+    """Model (eval mode), its recipe, and its tokenizer (if one is known)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such checkpoint; pass a checkpoint folder, a run folder or an export folder")
+    if (path / WEIGHTS_FILE).is_file() and (path / RECIPE_FILE).is_file():
+        model, recipe, tok_path = _load_inference_folder(path)
+    else:
+        model, recipe, tok_path = _load_training_checkpoint(path)
+    if tokenizer is not None:
+        tok_path = Path(tokenizer)
+        if not tok_path.is_file():
+            raise UserError(f"{tok_path}: tokenizer file not found (expected a tokenizer.json)")
+    tok = Tokenizer.from_file(str(tok_path)) if tok_path is not None else None
+    return model.to(device).eval(), recipe, tok
+
+
+def export_folder(
+    model: LanguageModel, recipe: Recipe, out_dir: Path, tokenizer_path: Path | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write an inference folder atomically (tmp folder, then rename)."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    if dtype is not None:
+        model = model.to(dtype)
+    save_model(model, str(tmp / WEIGHTS_FILE))
+    save_recipe(recipe, tmp / RECIPE_FILE)
+    if tokenizer_path is not None:
+        shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+@torch.no_grad()
+def evaluate(model: LanguageModel, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    """Mean next-token loss and perplexity over ``batches``."""
+    model.eval()
+    device = next(model.parameters()).device
+    losses = [float(model(x.to(device), y.to(device))[1]) for x, y in batches]
+    loss = sum(losses) / len(losses)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "batches": len(losses)}
+
+
+@torch.no_grad()
+def generate_text(
+    model: LanguageModel, tokenizer: Tokenizer, prompt: str, max_new_tokens: int,
+    temperature: float = 1.0, top_k: int | None = None, seed: int = 0,
+) -> str:
+    """Sample a continuation of ``prompt`` (deterministic for a given seed)."""
+    device = next(model.parameters()).device
+    ids = tokenizer.encode(prompt).ids or [0]
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(gen.initial_seed())
+        out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k)
+    return tokenizer.decode(out[0].tolist())
+
+
+def import_checkpoint(fmt: str, file: Path, out_dir: Path, tokenizer: str | Path | None = None) -> Path:
+    """Convert a published checkpoint into an export folder usable by eval/generate."""
+    if fmt != "crate-lm":
+        raise UserError(f"unknown checkpoint format {fmt!r}; supported: crate-lm")
+    from wbscale.models.crate import CRATE
+
+    model = CRATE.from_published(file)
+    recipe = Recipe(model=model.config)
+    tok = Path(tokenizer) if tokenizer is not None else None
+    if tok is not None and not tok.is_file():
+        raise UserError(f"{tok}: tokenizer file not found (expected a tokenizer.json, e.g. GPT-2's)")
+    return export_folder(model, recipe, out_dir, tokenizer_path=tok)
