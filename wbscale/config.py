@@ -97,6 +97,9 @@ class TrainConfig:
     val_batches: int = 20
     ckpt_every: int = 100
     keep_last: int = 3
+    # Stop cleanly (after a checkpoint) once the step is a multiple of this; 0 = never.
+    # For time-sliced allocations, and how the tests interrupt a run to resume it.
+    exit_interval: int = 0
     sample_every: int = 0  # 0: samples at the end of training only
     sample_prompts: list[str] = field(default_factory=lambda: ["Once upon a time"])
     sample_max_new_tokens: int = 64
@@ -380,6 +383,7 @@ def validate(r: Recipe) -> None:
     _check(t.run_name.strip() != "" and "/" not in t.run_name, f"train.run_name must be a plain name (got {t.run_name!r})")
     for name in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "val_every", "val_batches", "ckpt_every", "keep_last"):
         _check(getattr(t, name) >= 1, f"train.{name} must be >= 1 (got {getattr(t, name)})")
+    _check(t.exit_interval >= 0, f"train.exit_interval must be >= 0 (got {t.exit_interval}); 0 = never")
     _check(t.sample_every >= 0, f"train.sample_every must be >= 0 (got {t.sample_every})")
     _check(t.sample_max_new_tokens >= 0, "train.sample_max_new_tokens must be >= 0")
     _check(t.sample_temperature > 0, f"train.sample_temperature must be > 0 (got {t.sample_temperature})")

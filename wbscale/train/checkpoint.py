@@ -109,13 +109,16 @@ def _step_dir_name(step: int) -> str:
 class AtomicCheckpoint(L.Callback):
     """Save every ``every`` optimizer steps and at the end of training.
 
+    With ``exit_interval`` the run also saves and stops cleanly at multiples of it.
+
     ``meta_fn()`` returns the run's metadata (recipe, tokenizer hash, wandb id, …); the
     callback adds step, samples and topology.
     """
 
-    def __init__(self, run_dir: Path, every: int, keep_last: int, meta_fn=None):
+    def __init__(self, run_dir: Path, every: int, keep_last: int, meta_fn=None, exit_interval: int = 0):
         self.run_dir = Path(run_dir)
         self.every = every
+        self.exit_interval = exit_interval
         self.keep_last = keep_last
         self.meta_fn = meta_fn or (lambda: {})
         self.last_saved_step: int | None = None
@@ -125,8 +128,11 @@ class AtomicCheckpoint(L.Callback):
         if (batch_idx + 1) % accum != 0:
             return
         step = trainer.global_step
-        if step % self.every == 0 or step >= (trainer.max_steps or 0):
+        stop = self.exit_interval > 0 and step % self.exit_interval == 0
+        if step % self.every == 0 or step >= (trainer.max_steps or 0) or stop:
             self.save(trainer)
+        if stop and step < trainer.max_steps:
+            trainer.should_stop = True
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.last_saved_step != trainer.global_step and trainer.global_step > 0:

@@ -10,6 +10,7 @@ wires loggers and callbacks, and writes the run folder::
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from wbscale.data.loader import load_manifest
 from wbscale.data.prepare import prepare
 from wbscale.data.tokenizer import load_tokenizer
 from wbscale.errors import UserError
+from wbscale.io import atomic_write_json
 from wbscale.train.checkpoint import AtomicCheckpoint, CheckpointInfo, latest_checkpoint, read_checkpoint
 from wbscale.train.datamodule import TokenDataModule
 from wbscale.train.module import LMModule
@@ -135,7 +137,9 @@ def build_callbacks(recipe: Recipe, run_dir: Path, data_dir: Path, meta: dict[st
 
     t = recipe.train
     callbacks: list[L.Callback] = [
-        AtomicCheckpoint(run_dir, every=t.ckpt_every, keep_last=t.keep_last, meta_fn=lambda: meta),
+        AtomicCheckpoint(
+            run_dir, every=t.ckpt_every, keep_last=t.keep_last, meta_fn=lambda: meta, exit_interval=t.exit_interval
+        ),
     ]
     if recipe.tracking.metrics_every > 0:
         # A fixed held-out batch so metrics are comparable step to step.
@@ -238,7 +242,29 @@ def fit(recipe: Recipe, resume: str = "auto", progress: bool | None = None) -> F
     if t.compile:
         module.model.compile()  # in place: parameter names (and checkpoints) stay unchanged
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt.model_path) if ckpt else None)
+    if trainer.is_global_zero:
+        write_summary(trainer, run_dir, data_dir)
     return FitResult(run_dir, trainer.global_step, ckpt.step if ckpt else None)
+
+
+def write_summary(trainer: L.Trainer, run_dir: Path, data_dir: Path) -> dict[str, Any]:
+    """Final val loss next to the data's unigram entropy (the no-context baseline)."""
+    from wbscale.data.loader import unigram_entropy
+
+    val = trainer.callback_metrics.get("val_loss")
+    summary = {
+        "step": trainer.global_step,
+        "val_loss": float(val) if val is not None else None,
+        "unigram_entropy": unigram_entropy(data_dir, "train"),
+    }
+    atomic_write_json(run_dir / "summary.json", summary)
+    if summary["val_loss"] is not None:
+        say(
+            f"step {summary['step']}: val loss {summary['val_loss']:.3f} nats/token "
+            f"(perplexity {math.exp(summary['val_loss']):.1f}); unigram entropy of the "
+            f"training data {summary['unigram_entropy']:.3f} nats/token"
+        )
+    return summary
 
 
 def recipe_for_resume(ckpt_path: Path, overrides: list[str]) -> Recipe:

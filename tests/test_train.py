@@ -1,0 +1,155 @@
+"""Training end to end on CPU: smoke run, exact resume, checkpoint safety, eval/generate."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from wbscale.config import load_recipe
+from wbscale.errors import UserError
+from wbscale.train.checkpoint import latest_checkpoint, list_checkpoints
+from wbscale.train.fit import fit
+
+
+def tiny_overrides(tmp_path: Path, run_name: str = "tiny", **extra: object) -> list[str]:
+    """A recipe small enough for a few seconds of CPU training."""
+    values = {
+        "model.n_layer": 2,
+        "model.n_head": 2,
+        "model.n_embd": 32,
+        "model.block_size": 32,
+        "data.synthetic_documents": 400,
+        "data.vocab_size": 320,
+        "data.out_dir": str(tmp_path / "data"),
+        "data.workers": 1,
+        "train.runs_dir": str(tmp_path / "runs"),
+        "train.run_name": run_name,
+        "train.max_steps": 8,
+        "train.micro_batch_size": 4,
+        "train.grad_accum": 2,
+        "train.log_every": 1,
+        "train.val_every": 4,
+        "train.val_batches": 2,
+        "train.ckpt_every": 4,
+        "train.keep_last": 2,
+        "train.sample_max_new_tokens": 8,
+        "optim.warmup_steps": 2,
+        "tracking.metrics_every": 4,
+        "tracking.wandb.mode": "offline",
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def losses(run_dir: Path) -> dict[int, dict[str, float]]:
+    by_step: dict[int, dict[str, float]] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        by_step.setdefault(row["step"], {}).update(row)
+    return by_step
+
+
+@pytest.fixture(scope="module")
+def shared_data(tmp_path_factory) -> Path:
+    """Prepared once for the module; tests copy runs, not data."""
+    return tmp_path_factory.mktemp("shared")
+
+
+def test_smoke_run_writes_the_run_folder(shared_data):
+    recipe = load_recipe("demo", tiny_overrides(shared_data, "smoke"))
+    result = fit(recipe, progress=False)
+    run = result.run_dir
+    assert result.step == 8
+    assert (run / "recipe.yaml").is_file()
+    assert (run / "metrics.jsonl").is_file()
+    assert (run / "samples.jsonl").is_file()
+    assert (run / "plots" / "loss_curve.png").is_file()
+    assert (run / "summary.json").is_file()
+    ckpts = list_checkpoints(run)
+    assert [c.step for c in ckpts] == [4, 8]
+    assert latest_checkpoint(run).step == 8
+    assert list((run / "wandb").glob("offline-run-*")), "no offline wandb run written"
+    rows = losses(run)
+    assert rows[8]["val/loss"] < rows[1]["train/loss"]
+
+
+def test_rerun_of_a_complete_run_says_so(shared_data, capsys):
+    recipe = load_recipe("demo", tiny_overrides(shared_data, "smoke"))
+    result = fit(recipe, progress=False)
+    assert result.already_complete
+    assert "is complete" in capsys.readouterr().err
+
+
+def test_resume_reproduces_uninterrupted_loss(shared_data):
+    full = fit(load_recipe("demo", tiny_overrides(shared_data, "full")), progress=False)
+    part = load_recipe("demo", tiny_overrides(shared_data, "parts", **{"train.exit_interval": 4}))
+    first = fit(part, progress=False)
+    assert first.step == 4
+    second = fit(part, resume="auto", progress=False)
+    assert second.resumed_from == 4 and second.step == 8
+    a, b = losses(full.run_dir), losses(second.run_dir)
+    for step in range(1, 9):
+        assert a[step]["train/loss"] == b[step]["train/loss"], (
+            f"step {step}: uninterrupted {a[step]['train/loss']!r} vs resumed {b[step]['train/loss']!r}"
+        )
+    for step in (4, 8):
+        assert a[step]["val/loss"] == b[step]["val/loss"]
+    steps = [json.loads(line)["step"] for line in (second.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps), "metrics file has rewound steps after resume"
+
+
+def test_resume_refuses_another_model_config(shared_data):
+    src = shared_data / "runs" / "smoke"
+    dst = shared_data / "runs" / "othermodel"
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    recipe = load_recipe(
+        "demo", tiny_overrides(shared_data, "othermodel", **{"model.n_embd": 64, "train.max_steps": 12})
+    )
+    with pytest.raises(UserError, match=r"another model config \(model.n_embd: checkpoint 32 vs recipe 64"):
+        fit(recipe, progress=False)
+
+
+def test_resume_never_refuses_existing_checkpoints(shared_data):
+    recipe = load_recipe("demo", tiny_overrides(shared_data, "smoke"))
+    with pytest.raises(UserError, match="already has checkpoints"):
+        fit(recipe, resume="never", progress=False)
+
+
+def test_half_written_checkpoint_is_never_last(shared_data):
+    run = shared_data / "runs" / "smoke"
+    # A crash mid-save leaves a temp folder; it is ignored and `last` still names step 8.
+    stray = run / "checkpoints" / ".tmp-step-00000012"
+    stray.mkdir()
+    (stray / "model.ckpt").write_bytes(b"partial")
+    assert latest_checkpoint(run).step == 8
+    # A `last` pointer to a folder without metadata falls back to the newest complete one.
+    (run / "checkpoints" / "last").write_text("step-00000099\n")
+    assert latest_checkpoint(run).step == 8
+    shutil.rmtree(stray)
+    (run / "checkpoints" / "last").write_text("step-00000008\n")
+
+
+def test_eval_and_generate_from_checkpoint(shared_data, capsys):
+    from wbscale.cli import main
+
+    ckpt = shared_data / "runs" / "smoke"
+    assert main(["eval", "--ckpt", str(ckpt), "--batches", "2", "--batch-size", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["loss"] > 0 and out["perplexity"] > 1
+    assert main(["generate", "--ckpt", str(ckpt), "--prompt", "Once upon", "--max-new-tokens", "5"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("Once upon")
+
+
+def test_cli_user_errors_exit_2(shared_data, capsys, tmp_path):
+    from wbscale.cli import main
+
+    assert main(["fit", "--recipe", "demo", "--set", "optim.lr_max=1"]) == 2
+    assert "did you mean 'optim.max_lr'" in capsys.readouterr().err
+    assert main(["eval", "--ckpt", str(tmp_path / "nope")]) == 2
+    assert "no such checkpoint" in capsys.readouterr().err
+    assert main(["fit", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "not found" in capsys.readouterr().err

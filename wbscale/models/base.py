@@ -1,0 +1,245 @@
+"""What every wbscale language model shares: the GPT skeleton, init, loss, sampling, FLOPs.
+
+A model is this skeleton plus one block class (``crate.Block``, ``gpt2.Block``):
+
+    x = drop(wte(idx) + wpe(pos));  x = block_i(x) for each layer;  logits = lm_head(ln_f(x))
+
+with the LM head tied to the token embedding. Blocks take ``(x, record=None)``; when
+``record`` is a dict they write their white-box tensors into it (see ``white_box_forward``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from wbscale.config import ModelConfig
+from wbscale.errors import UserError
+
+
+class LanguageModel(nn.Module):
+    """Token + position embeddings, ``n_layer`` blocks, final LayerNorm, tied LM head."""
+
+    def __init__(self, config: ModelConfig, block: Callable[[ModelConfig], nn.Module]):
+        super().__init__()
+        if config.vocab_size <= 0:
+            raise UserError(
+                f"model.vocab_size is {config.vocab_size}: set it in the recipe, or prepare the "
+                "data first so that it is taken from the tokenizer"
+            )
+        if config.n_embd % config.n_head != 0:
+            raise UserError(
+                f"model.n_embd ({config.n_embd}) must be divisible by model.n_head ({config.n_head})"
+            )
+        self.config = config
+        d = config.n_embd
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, d),
+                wpe=nn.Embedding(config.block_size, d),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(d),
+            )
+        )
+        self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
+        # Weight tying (Press & Wolf 2017), as GPT-2 / nanoGPT / the CRATE LM code do.
+        self.lm_head.weight = self.transformer.wte.weight
+        self.apply(self._init_weights)
+        # GPT-2 paper: scale the residual-writing projections by 1/sqrt(2 * n_layer).
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        """GPT-2 init for Linear / Embedding; other parameters (ISTA dictionary) keep theirs."""
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    # ------------------------------------------------------------------ forward
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    def hidden_states(self, idx: Tensor, records: list[dict[str, Tensor]] | None = None) -> Tensor:
+        """The residual stream after ``ln_f``, (B, T, d); blocks fill ``records[i]`` if given."""
+        _, t = idx.shape
+        if t > self.config.block_size:
+            raise ValueError(f"sequence of length {t} exceeds block_size {self.config.block_size}")
+        pos = torch.arange(t, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, None if records is None else records[i])
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Logits (B, T, vocab) for every position, and the mean loss when ``targets`` is given."""
+        logits = self.lm_head(self.hidden_states(idx))
+        loss = None if targets is None else self.loss_fn(logits, targets)
+        return logits, loss
+
+    @staticmethod
+    def loss_fn(logits: Tensor, targets: Tensor, ignore_index: int = -1) -> Tensor:
+        """Mean next-token cross-entropy; targets equal to ``ignore_index`` are skipped."""
+        # Upcast: a bf16 log-softmax over a 50k vocabulary loses ~3 digits of the loss.
+        return F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=ignore_index
+        )
+
+    @torch.no_grad()
+    def white_box_forward(self, idx: Tensor) -> dict[str, list[Tensor]]:
+        """Per-layer white-box tensors, ``{name: [layer_0, ..., layer_{L-1}]}`` (no autograd).
+
+        The names are the block's (CRATE: sparse_code, head_projections, mssa_input,
+        mssa_output; GPT-2: mlp_activation, head_projections, mssa_input, mssa_output).
+        Call it in eval mode, or dropout changes what is recorded.
+        """
+        records: list[dict[str, Tensor]] = [{} for _ in range(self.config.n_layer)]
+        self.hidden_states(idx, records)
+        return {name: [r[name] for r in records] for name in records[0]}
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        eos_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Append up to ``max_new_tokens`` sampled tokens to ``idx`` (B, T); returns (B, T + n).
+
+        The context is cropped to the last ``block_size`` tokens. ``temperature <= 0`` is
+        greedy. With ``eos_id``, a row that produced it is padded with ``eos_id`` and
+        sampling stops early once every row has. Call it in eval mode (dropout).
+        """
+        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            context = idx[:, -self.config.block_size :]
+            # Only the last position is needed: skip the LM head on the others.
+            logits = self.lm_head(self.hidden_states(context)[:, -1, :]).float()
+            if temperature <= 0:
+                next_id = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth, -float("inf"))
+                probs = F.softmax(logits, dim=-1)
+                next_id = torch.multinomial(probs, num_samples=1, generator=generator)
+            if eos_id is not None:
+                next_id = next_id.masked_fill(done[:, None], eos_id)
+                done = done | (next_id[:, 0] == eos_id)
+            idx = torch.cat((idx, next_id), dim=1)
+            if eos_id is not None and bool(done.all()):
+                break
+        return idx
+
+    # ------------------------------------------------------------------ accounting
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count (tied weights once); ``non_embedding`` drops the position table.
+
+        As in nanoGPT, the token embedding stays in: it is also the LM head's weight.
+        """
+        # Under ZeRO-3 a parameter holds only its shard; DeepSpeed keeps the full size in ds_numel.
+        n = sum(getattr(p, "ds_numel", p.numel()) for p in self.parameters())
+        if non_embedding:
+            n -= self.config.block_size * self.config.n_embd
+        return n
+
+    def gemm_macs_per_layer(self) -> int:
+        """Multiply-accumulates per token of one block's weight GEMMs, forward only.
+
+        A weight used by several GEMMs counts once per GEMM (CRATE's ISTA dictionary).
+        """
+        raise NotImplementedError
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs (forward + backward) per token at context ``seq_len``.
+
+        nanoGPT's estimate_mfu / PaLM (Chowdhery et al. 2022, App. B) write this as
+        ``6 N + 12 L d T``: 2 FLOPs per multiply-accumulate, backward = 2 x forward, and
+        QK^T plus AV over the full T (no causal halving). Here N is replaced by the GEMM
+        count of the actual forward pass (``gemm_macs_per_layer`` per block, plus the tied
+        LM head d x vocab): for GPT-2 that equals 6N up to biases and norms; for CRATE's
+        ISTA block it counts the 4 (overcomplete) or 2 (square) GEMMs its one dictionary
+        takes, whose backward is again 2 x forward (DESIGN.md, Kernels).
+        """
+        c = self.config
+        macs = c.n_layer * self.gemm_macs_per_layer() + c.n_embd * c.vocab_size
+        attention = 12 * c.n_layer * c.n_embd * seq_len
+        return 6 * macs + attention
+
+    # ------------------------------------------------------------------ optimiser
+    def configure_param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """Two AdamW groups: decay for weight matrices; none for biases, norms, embeddings.
+
+        ``named_parameters`` yields the tied LM head / token embedding once, as
+        ``transformer.wte.weight``, so it sits in the no-decay group once.
+        """
+        embeddings = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        decay, no_decay = [], []
+        for _, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+
+# ---------------------------------------------------------------------------- loading helpers
+
+
+def crop_positions(state_dict: dict[str, Tensor], block_size: int, source: str | Path) -> None:
+    """Keep the first ``block_size`` rows of the position table (nanoGPT's crop_block_size)."""
+    key = "transformer.wpe.weight"
+    if key not in state_dict:
+        return
+    n_positions = state_dict[key].size(0)
+    if block_size > n_positions:
+        raise UserError(
+            f"{source}: model.block_size {block_size} is larger than the checkpoint's "
+            f"{n_positions} positions; use block_size <= {n_positions}"
+        )
+    state_dict[key] = state_dict[key][:block_size]
+
+
+def load_checked(model: nn.Module, state_dict: dict[str, Tensor], source: str | Path) -> None:
+    """``load_state_dict`` that names every missing, unexpected or mis-shaped key."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(expected) & set(state_dict)
+        if tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    )
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {', '.join(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {', '.join(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatches: {'; '.join(shapes)}")
+        raise UserError(
+            f"{source}: the checkpoint does not match a {type(model).__name__} of this config "
+            f"({'; '.join(parts)})"
+        )
+    model.load_state_dict(state_dict, strict=True)
