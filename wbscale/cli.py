@@ -117,7 +117,7 @@ def cmd_recipes_list(args: argparse.Namespace) -> int:
     header = ("name", "arch", "shape", "data", "steps")
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
     return 0
 
 

@@ -50,11 +50,12 @@ class TokenDataModule(L.LightningDataModule):
         )
         return DataLoader(stream, batch_size=None, num_workers=0)
 
-    def val_dataloader(self) -> list:
+    def val_dataloader(self) -> DataLoader:
         # Every rank evaluates the same batches: the val loss is then identical to a
         # single-process run's, whatever the world size.
         t = self.recipe.train
-        return val_batches(self.data_dir, self.recipe.model.block_size, t.micro_batch_size, t.val_batches)
+        batches = val_batches(self.data_dir, self.recipe.model.block_size, t.micro_batch_size, t.val_batches)
+        return DataLoader(batches, batch_size=None, num_workers=0)
 
     def state_dict(self) -> dict[str, Any]:
         return {"samples": self.samples_consumed(), "step": self.trainer.global_step, "seed": self.recipe.data.seed}

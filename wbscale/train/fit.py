@@ -26,7 +26,12 @@ from wbscale.data.prepare import prepare
 from wbscale.data.tokenizer import load_tokenizer
 from wbscale.errors import UserError
 from wbscale.io import atomic_write_json
-from wbscale.train.checkpoint import AtomicCheckpoint, CheckpointInfo, latest_checkpoint, read_checkpoint
+from wbscale.train.checkpoint import (
+    AtomicCheckpoint,
+    CheckpointInfo,
+    latest_checkpoint,
+    read_checkpoint,
+)
 from wbscale.train.datamodule import TokenDataModule
 from wbscale.train.module import LMModule
 
@@ -132,8 +137,8 @@ def accelerator_for(recipe: Recipe) -> str:
 
 def build_callbacks(recipe: Recipe, run_dir: Path, data_dir: Path, meta: dict[str, Any], progress: bool) -> list[L.Callback]:
     """Checkpointing, white-box metrics, samples, plots, progress bar."""
-    from wbscale.track.callbacks import Plots, SampleGeneration, WhiteBoxMetrics
     from wbscale.data.loader import val_batches
+    from wbscale.track.callbacks import Plots, SampleGeneration, WhiteBoxMetrics
 
     t = recipe.train
     callbacks: list[L.Callback] = [
@@ -241,7 +246,10 @@ def fit(recipe: Recipe, resume: str = "auto", progress: bool | None = None) -> F
     )
     if t.compile:
         module.model.compile()  # in place: parameter names (and checkpoints) stay unchanged
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt.model_path) if ckpt else None)
+    # Our own checkpoints carry RNG states (numpy, python) that weights_only loading refuses.
+    trainer.fit(
+        module, datamodule=datamodule, ckpt_path=str(ckpt.model_path) if ckpt else None, weights_only=False
+    )
     if trainer.is_global_zero:
         write_summary(trainer, run_dir, data_dir)
     return FitResult(run_dir, trainer.global_step, ckpt.step if ckpt else None)

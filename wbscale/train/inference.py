@@ -23,7 +23,7 @@ from wbscale.config import Recipe, recipe_from_dict, save_recipe
 from wbscale.errors import UserError
 from wbscale.models import build_model
 from wbscale.models.base import LanguageModel
-from wbscale.train.checkpoint import MODEL_FILE, read_checkpoint
+from wbscale.train.checkpoint import read_checkpoint
 
 WEIGHTS_FILE = "model.safetensors"
 RECIPE_FILE = "recipe.yaml"

@@ -1,0 +1,55 @@
+"""Data pipeline: sources -> tokenizer -> token shards -> deterministic loader.
+
+Public API (imported lazily, so ``import wbscale.data`` stays cheap and tokenizer
+worker processes never import torch)::
+
+    iter_documents(cfg) -> Iterator[str]                       # sources
+    generate_stories(n, seed) -> list[str]                     # synthetic
+    prepare(cfg, progress=True, force=False) -> Path           # prepare
+    measure_prepare_overhead(cfg) -> dict
+    load_tokenizer(data_dir), eot_id(tok), encode, decode      # tokenizer
+    tokenizer_sha256(path)
+    load_manifest(data_dir, verify=True) -> dict               # loader
+    TokenShards, WindowSampler, TrainStream, val_batches, unigram_entropy
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "generate_stories": "synthetic",
+    "iter_stories": "synthetic",
+    "iter_documents": "sources",
+    "EOT": "tokenizer",
+    "decode": "tokenizer",
+    "encode": "tokenizer",
+    "eot_id": "tokenizer",
+    "load_tokenizer": "tokenizer",
+    "tokenizer_sha256": "tokenizer",
+    "PrepareReport": "prepare",
+    "config_fingerprint": "prepare",
+    "measure_prepare_overhead": "prepare",
+    "prepare": "prepare",
+    "prepare_data": "prepare",
+    "TokenShards": "loader",
+    "TrainStream": "loader",
+    "WindowSampler": "loader",
+    "load_manifest": "loader",
+    "unigram_entropy": "loader",
+    "val_batches": "loader",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'wbscale.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"wbscale.data.{module}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,0 +1,263 @@
+"""Where documents come from: built-in synthetic stories, HF datasets, or local files.
+
+``data.source`` is one of
+
+- ``synthetic-stories``: :mod:`wbscale.data.synthetic` (``data.synthetic_documents``,
+  ``data.seed``); works offline;
+- ``hf:<name>``: ``datasets.load_dataset(name, data.hf_config, split=data.hf_split,
+  streaming=True)``, field ``data.text_field``; ``<name>`` may also be a local folder of
+  .jsonl/.parquet/.csv files, which ``datasets`` reads without the network;
+- a path to a ``.txt`` file (documents separated by ``data.separator``), a ``.jsonl``
+  file (one JSON object per line, text in ``data.text_field``), a ``.parquet`` file
+  (column ``data.text_field``), or a folder of such files (read in sorted order).
+
+Empty documents are skipped. ``data.max_documents`` caps how many are read.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from wbscale.config import DataConfig
+from wbscale.data.synthetic import iter_stories
+from wbscale.errors import UserError, did_you_mean
+
+__all__ = ["SUFFIXES", "iter_documents", "source_files", "source_kind"]
+
+SYNTHETIC = "synthetic-stories"
+HF_PREFIX = "hf:"
+SUFFIXES = (".txt", ".jsonl", ".parquet")
+_READ_BLOCK = 1 << 20
+
+
+def source_kind(source: str) -> str:
+    """``synthetic``, ``hf`` or ``local``."""
+    if source == SYNTHETIC:
+        return "synthetic"
+    if source.startswith(HF_PREFIX):
+        return "hf"
+    return "local"
+
+
+def iter_documents(cfg: DataConfig) -> Iterator[str]:
+    """Documents of ``cfg.source`` in a fixed order, capped at ``cfg.max_documents``.
+
+    Paths, names and fields are checked when called (not on first ``next``), so a bad
+    source fails before any work is done.
+    """
+    kind = source_kind(cfg.source)
+    if kind == "synthetic":
+        n = cfg.synthetic_documents
+        if cfg.max_documents is not None:
+            n = min(n, cfg.max_documents)
+        return iter_stories(n, cfg.seed)
+    if kind == "hf":
+        docs = _iter_hf(cfg)
+    else:
+        files = source_files(cfg.source)
+        docs = _iter_files(files, cfg)
+    if cfg.max_documents is not None:
+        docs = islice(docs, cfg.max_documents)
+    return docs
+
+
+def source_files(source: str) -> list[Path]:
+    """The local files a path source reads, in order; UserError if there are none."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix.lower() not in SUFFIXES:
+            raise UserError(
+                f"data.source '{source}': unsupported file type '{path.suffix or '(none)'}'. "
+                f"Use a {', '.join(SUFFIXES)} file or a folder of them, "
+                f"'{HF_PREFIX}<dataset name>', or '{SYNTHETIC}'."
+            )
+        return [path]
+    if path.is_dir():
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file()
+            and p.suffix.lower() in SUFFIXES
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
+        if not files:
+            raise UserError(
+                f"data.source '{source}': the folder has no {', '.join(SUFFIXES)} files. "
+                "Put the text files there or point data.source at another folder."
+            )
+        return files
+    hint = did_you_mean(source, [SYNTHETIC]) if HF_PREFIX not in source else ""
+    raise UserError(
+        f"data.source '{source}': no such file or folder{hint}. Give a path to a "
+        f"{', '.join(SUFFIXES)} file or folder, '{HF_PREFIX}<dataset name>' for a Hugging "
+        f"Face dataset, or '{SYNTHETIC}' for the built-in stories."
+    )
+
+
+# ---------------------------------------------------------------------------- local files
+
+
+def _iter_files(files: list[Path], cfg: DataConfig) -> Iterator[str]:
+    readers: dict[str, Callable[[Path, DataConfig], Iterator[str]]] = {
+        ".txt": _iter_txt,
+        ".jsonl": _iter_jsonl,
+        ".parquet": _iter_parquet,
+    }
+    if len(files) > 1:
+        # Check every parquet schema up front: a missing column in the last file should not
+        # surface after an hour of tokenizing the first ones.
+        for path in files:
+            if path.suffix.lower() == ".parquet":
+                _parquet_file(path, cfg.text_field)
+    for path in files:
+        yield from readers[path.suffix.lower()](path, cfg)
+
+
+def _iter_txt(path: Path, cfg: DataConfig) -> Iterator[str]:
+    try:
+        yield from _split_txt(path, cfg.separator)
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not valid UTF-8 ({err}). Convert the file to UTF-8.") from None
+
+
+def _split_txt(path: Path, sep: str) -> Iterator[str]:
+    with open(path, encoding="utf-8", newline="") as f:
+        if not sep:
+            text = f.read().strip()
+            if text:
+                yield text
+            return
+        # Streamed in blocks so a multi-GB file never sits in memory at once.
+        buf = ""
+        while block := f.read(_READ_BLOCK):
+            start = max(0, len(buf) - len(sep) + 1)
+            buf += block
+            if buf.find(sep, start) < 0:
+                continue
+            *docs, buf = buf.split(sep)
+            for doc in docs:
+                doc = doc.strip()
+                if doc:
+                    yield doc
+        doc = buf.strip()
+        if doc:
+            yield doc
+
+
+def _text_of(value: Any, where: str, field: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value or None
+    raise UserError(
+        f"{where}: field '{field}' holds {type(value).__name__}, not text. "
+        "Set data.text_field to the field with the document text."
+    )
+
+
+def _iter_jsonl(path: Path, cfg: DataConfig) -> Iterator[str]:
+    field = cfg.text_field
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(
+                    f"{where}: not valid JSON ({err.msg}). A .jsonl file holds one JSON "
+                    "object per line."
+                ) from None
+            if not isinstance(row, dict):
+                raise UserError(f"{where}: expected a JSON object per line, got {type(row).__name__}")
+            if field not in row:
+                raise UserError(
+                    f"{where}: no field '{field}' (fields: {', '.join(map(str, row)) or 'none'})"
+                    + did_you_mean(field, [str(k) for k in row])
+                    + ". Set data.text_field to the field with the document text."
+                )
+            text = _text_of(row[field], where, field)
+            if text:
+                yield text
+
+
+def _parquet_file(path: Path, field: str) -> Any:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises ArrowInvalid/OSError for non-parquet bytes
+        raise UserError(f"{path}: not a readable parquet file ({err})") from None
+    names = pf.schema_arrow.names
+    if field not in names:
+        raise UserError(
+            f"{path}: no column '{field}' (columns: {', '.join(names)})"
+            + did_you_mean(field, names)
+            + ". Set data.text_field to the column with the document text."
+        )
+    return pf
+
+
+def _iter_parquet(path: Path, cfg: DataConfig) -> Iterator[str]:
+    field = cfg.text_field
+    pf = _parquet_file(path, field)
+    for batch in pf.iter_batches(columns=[field], batch_size=1024):
+        for value in batch.column(0).to_pylist():
+            text = _text_of(value, str(path), field)
+            if text:
+                yield text
+
+
+# ---------------------------------------------------------------------------- HF datasets
+
+
+def _iter_hf(cfg: DataConfig) -> Iterator[str]:
+    name = cfg.source[len(HF_PREFIX):].strip()
+    if not name:
+        raise UserError(
+            f"data.source '{cfg.source}': no dataset name after '{HF_PREFIX}', "
+            "e.g. hf:roneneldan/TinyStories"
+        )
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(
+            "data.source uses a Hugging Face dataset but the `datasets` package is not "
+            "installed: pip install datasets"
+        ) from None
+    try:
+        ds = datasets.load_dataset(name, cfg.hf_config, split=cfg.hf_split, streaming=True)
+    except Exception as err:  # network, missing dataset, bad config/split: all user-fixable
+        raise UserError(
+            f"data.source '{cfg.source}' (hf_config={cfg.hf_config!r}, "
+            f"hf_split={cfg.hf_split!r}): could not load the dataset: "
+            f"{type(err).__name__}: {err}. Check the dataset name, data.hf_config and "
+            "data.hf_split; without network, have the dataset in the local HF cache "
+            "(HF_DATASETS_OFFLINE=1) or point data.source at local files."
+        ) from None
+    columns = getattr(ds, "column_names", None)
+    if columns and cfg.text_field not in columns:
+        raise UserError(_hf_field_error(cfg, list(columns)))
+    return _iter_hf_rows(ds, cfg)
+
+
+def _hf_field_error(cfg: DataConfig, columns: list[str]) -> str:
+    return (
+        f"data.source '{cfg.source}': no field '{cfg.text_field}' "
+        f"(fields: {', '.join(columns)})"
+        + did_you_mean(cfg.text_field, columns)
+        + ". Set data.text_field to the field with the document text."
+    )
+
+
+def _iter_hf_rows(ds: Any, cfg: DataConfig) -> Iterator[str]:
+    field = cfg.text_field
+    for row in ds:
+        if field not in row:
+            raise UserError(_hf_field_error(cfg, list(row)))
+        text = _text_of(row[field], f"data.source '{cfg.source}'", field)
+        if text:
+            yield text
