@@ -82,8 +82,8 @@ def _accumulate_segment(
     a_ptr,
     b_ptr,
     am_ptr,
-    offs_m,
-    offs_n,
+    row0,
+    col0,
     M,
     N,
     k_start,
@@ -95,34 +95,51 @@ def _accumulate_segment(
     HAS_AMASK: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """acc += A[offs_m, k_start:k_end] @ B[k_start:k_end, offs_n] (A masked by am > 0)."""
-    offs_k = k_start + tl.arange(0, BLOCK_K)
-    # int64 row/column offsets: T x m exceeds 2^31 elements at GPT-2 xl sizes
-    a_off = offs_m.to(tl.int64)[:, None] * stride_am + offs_k.to(tl.int64)[None, :] * stride_ak
-    b_off = offs_k.to(tl.int64)[:, None] * stride_bk + offs_n.to(tl.int64)[None, :] * stride_bn
-    a_ptrs = a_ptr + a_off
-    b_ptrs = b_ptr + b_off
-    am_ptrs = am_ptr + a_off
+    """acc += A[row0 : row0 + BLOCK_M, k_start:k_end] @ B[k_start:k_end, col0 : col0 + BLOCK_N]."""
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    # 64-bit arithmetic only for the per-program base offset (T x m passes 2^31 elements at
+    # GPT-2 xl sizes); tile offsets stay int32, int64 tiles cost registers in the main loop
+    a_base = row0.to(tl.int64) * stride_am + k_start.to(tl.int64) * stride_ak
+    a_tile = rm[:, None] * stride_am + rk[None, :] * stride_ak
+    a_ptrs = a_ptr + a_base + a_tile
+    am_ptrs = am_ptr + a_base + a_tile
+    b_base = k_start.to(tl.int64) * stride_bk + col0.to(tl.int64) * stride_bn
+    b_ptrs = b_ptr + b_base + (rk[:, None] * stride_bk + rn[None, :] * stride_bn)
+    row_ok = (row0 + rm) < M
+    col_ok = (col0 + rn) < N
     for k in range(k_start, k_end, BLOCK_K):
-        k_ok = (offs_k + (k - k_start)) < k_end
-        a_ok = (offs_m[:, None] < M) & k_ok[None, :]
+        k_ok = (k + rk) < k_end
+        a_ok = row_ok[:, None] & k_ok[None, :]
         a = tl.load(a_ptrs, mask=a_ok, other=0.0)
         if HAS_AMASK:
             # the ReLU mask of the square block's backward, read from the saved output
             gate = tl.load(am_ptrs, mask=a_ok, other=0.0)
             a = tl.where(gate > 0, a, tl.zeros_like(a))
             am_ptrs += BLOCK_K * stride_ak
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < N), other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         if UPCAST:
             # the interpreter multiplies bf16 tiles as their raw uint16 bits; fp32 is exact here
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        # pointer tiles are 64-bit: stepping them never overflows, unlike an offset tile
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     return acc
+
+
+@triton.jit
+def _tile_ptrs(ptr, row0, col0, stride_m, stride_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Pointers to the (BLOCK_M, BLOCK_N) tile at (row0, col0): int64 base, int32 tile offsets."""
+    base = row0.to(tl.int64) * stride_m + col0.to(tl.int64) * stride_n
+    tile = tl.arange(0, BLOCK_M)[:, None] * stride_m + tl.arange(0, BLOCK_N)[None, :] * stride_n
+    return ptr + base + tile
 
 
 @triton.jit
@@ -162,9 +179,8 @@ def _gemm_kernel(
     group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
     pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
     pid_n = (pid % num_pid_in_group) // group_size_m
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row0 = pid_m * BLOCK_M
+    col0 = pid_n * BLOCK_N
     k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     k_start = pid_k * k_per_split
     k_end = tl.minimum(K, k_start + k_per_split)
@@ -173,52 +189,62 @@ def _gemm_kernel(
     # holds sum_s scale_s A_s B_s / scale_current, rescaled when the scale changes. Callers
     # order segments so that equal scales are adjacent (one inexact rescale at most).
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _accumulate_segment(acc, a0_ptr, b0_ptr, amask_ptr, offs_m, offs_n, M, N, k_start, k_end,
+    acc = _accumulate_segment(acc, a0_ptr, b0_ptr, amask_ptr, row0, col0, M, N, k_start, k_end,
                               stride_am, stride_ak, stride_bk, stride_bn,
-                              HAS_AMASK, UPCAST, PRECISION, BLOCK_K)  # fmt: skip
+                              HAS_AMASK, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
     scale = scale0
     # segments after the first never carry an A mask (only the square backward needs one)
     if NUM_SEG > 1:
         acc = acc * (scale / scale1)
         scale = scale1
-        acc = _accumulate_segment(acc, a1_ptr, b1_ptr, amask_ptr, offs_m, offs_n, M, N, k_start, k_end,
+        acc = _accumulate_segment(acc, a1_ptr, b1_ptr, amask_ptr, row0, col0, M, N, k_start, k_end,
                                   stride_am, stride_ak, stride_bk, stride_bn,
-                                  False, UPCAST, PRECISION, BLOCK_K)  # fmt: skip
+                                  False, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
     if NUM_SEG > 2:
         acc = acc * (scale / scale2)
         scale = scale2
-        acc = _accumulate_segment(acc, a2_ptr, b2_ptr, amask_ptr, offs_m, offs_n, M, N, k_start, k_end,
+        acc = _accumulate_segment(acc, a2_ptr, b2_ptr, amask_ptr, row0, col0, M, N, k_start, k_end,
                                   stride_am, stride_ak, stride_bk, stride_bn,
-                                  False, UPCAST, PRECISION, BLOCK_K)  # fmt: skip
+                                  False, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
     if NUM_SEG > 3:
         acc = acc * (scale / scale3)
         scale = scale3
-        acc = _accumulate_segment(acc, a3_ptr, b3_ptr, amask_ptr, offs_m, offs_n, M, N, k_start, k_end,
+        acc = _accumulate_segment(acc, a3_ptr, b3_ptr, amask_ptr, row0, col0, M, N, k_start, k_end,
                                   stride_am, stride_ak, stride_bk, stride_bn,
-                                  False, UPCAST, PRECISION, BLOCK_K)  # fmt: skip
+                                  False, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
     v = acc * scale
 
-    rm = offs_m.to(tl.int64)[:, None]
-    rn = offs_n.to(tl.int64)[None, :]
-    c_ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    c_ok = ((row0 + tl.arange(0, BLOCK_M)) < M)[:, None] & ((col0 + tl.arange(0, BLOCK_N)) < N)[
+        None, :
+    ]
     # same evaluation order as the eager reference (aux + v, then + beta), so fp32 results
     # round the same way and the sparse code has the reference's zeros
     if HAS_AUX:
-        v = (
-            tl.load(aux_ptr + rm * stride_xm + rn * stride_xn, mask=c_ok, other=0.0).to(tl.float32)
-            + v
-        )
+        aux_ptrs = _tile_ptrs(aux_ptr, row0, col0, stride_xm, stride_xn, BLOCK_M, BLOCK_N)
+        v = tl.load(aux_ptrs, mask=c_ok, other=0.0).to(tl.float32) + v
     v = v + beta
     if HAS_GATED:
-        gate = tl.load(gate_ptr + rm * stride_gm + rn * stride_gn, mask=c_ok, other=0.0)
-        gated = tl.load(gated_ptr + rm * stride_gm + rn * stride_gn, mask=c_ok, other=0.0)
+        gate = tl.load(
+            _tile_ptrs(gate_ptr, row0, col0, stride_gm, stride_gn, BLOCK_M, BLOCK_N),
+            mask=c_ok,
+            other=0.0,
+        )
+        gated = tl.load(
+            _tile_ptrs(gated_ptr, row0, col0, stride_gm, stride_gn, BLOCK_M, BLOCK_N),
+            mask=c_ok,
+            other=0.0,
+        )
         v += tl.where(gate > 0, gated.to(tl.float32), 0.0)
     if RELU:
         v = tl.where(v < 0, 0.0, v)  # not tl.maximum: a NaN must stay NaN, as in torch.relu
     if HAS_MASK:
-        keep = tl.load(mask_ptr + rm * stride_mm + rn * stride_mn, mask=c_ok, other=0.0)
+        keep = tl.load(
+            _tile_ptrs(mask_ptr, row0, col0, stride_mm, stride_mn, BLOCK_M, BLOCK_N),
+            mask=c_ok,
+            other=0.0,
+        )
         v = tl.where(keep > 0, v, 0.0)
-    c_ptrs = c_ptr + rm * stride_cm + rn * stride_cn
+    c_ptrs = _tile_ptrs(c_ptr, row0, col0, stride_cm, stride_cn, BLOCK_M, BLOCK_N)
     if SPLIT_K == 1:
         if RNE_BF16:
             # the interpreter truncates fp32 -> bf16; round to nearest even by hand, as the GPU does

@@ -153,3 +153,45 @@ def test_cli_user_errors_exit_2(shared_data, capsys, tmp_path):
     assert "no such checkpoint" in capsys.readouterr().err
     assert main(["fit", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_metrics_command_writes_json_and_plots(shared_data, capsys):
+    from wbscale.cli import main
+
+    ckpt = shared_data / "runs" / "smoke"
+    out = shared_data / "wb"
+    assert main(["metrics", "--ckpt", str(ckpt), "--out", str(out), "--batch-size", "2"]) == 0
+    result = json.loads((out / "whitebox.json").read_text())
+    metrics = result["metrics"]
+    assert 0.0 < metrics["whitebox/layer0/sparsity"] <= 1.0
+    assert metrics["whitebox/layer1/coding_rate"] > 0
+    assert (out / "whitebox_layers.png").is_file()
+
+
+def test_import_published_crate_lm_then_generate(shared_data, tmp_path, capsys):
+    """A nanoGPT-style published checkpoint imports and runs through the CLI."""
+    import torch
+
+    from wbscale.cli import main
+    from wbscale.config import ModelConfig
+    from wbscale.models import build_model
+
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=320)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    published = {
+        "model": {f"_orig_mod.{k}": v for k, v in model.state_dict().items()},
+        "model_args": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "vocab_size": 320,
+                       "bias": True, "dropout": 0.0},
+    }
+    torch.save(published, tmp_path / "ckpt.pt")
+    out = tmp_path / "imported"
+    tokenizer = shared_data / "data" / "tokenizer.json"
+    assert main(["ckpt", "import", "--format", "crate-lm", str(tmp_path / "ckpt.pt"), "--out", str(out),
+                 "--tokenizer", str(tokenizer)]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--ckpt", str(out), "--prompt", "The", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("The")
+    assert main(["eval", "--ckpt", str(out), "--data", str(shared_data / "data"), "--batches", "1",
+                 "--batch-size", "2"]) == 0
+    assert main(["ckpt", "import", "--format", "crate-lm", str(tmp_path / "nothing.pt"), "--out", str(out)]) == 2

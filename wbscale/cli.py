@@ -85,6 +85,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from wbscale.track.checkpoint_metrics import checkpoint_metrics
+
+    result = checkpoint_metrics(
+        args.ckpt, data_dir=args.data, out_dir=args.out, batch_size=args.batch_size, device=args.device
+    )
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def cmd_ckpt_import(args: argparse.Namespace) -> int:
     from wbscale.train.inference import import_checkpoint
 
@@ -169,6 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("metrics", help="white-box metrics (sparsity, coding rate, …) of a checkpoint")
+    p.add_argument("--ckpt", required=True, help="checkpoint folder, run folder, or export folder")
+    p.add_argument("--data", help="prepared data folder (default: the one the checkpoint was trained on)")
+    p.add_argument("--out", help="output folder for whitebox.json and PNGs (default: <ckpt>-whitebox next to it)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_metrics)
 
     ckpt = sub.add_parser("ckpt", help="checkpoint tools").add_subparsers(dest="ckpt_command", required=True)
     p = ckpt.add_parser("import", help="import a published checkpoint into an export folder")

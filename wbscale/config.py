@@ -143,6 +143,21 @@ class DistributedConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """Preemption under SLURM (wbscale.slurm): the warning signal and what it triggers.
+
+    ``wbscale slurm submit`` asks SLURM for ``signal`` ``grace_seconds`` before the time
+    limit; on it the run saves a checkpoint at the next step boundary and requeues itself.
+    """
+
+    signal: Literal["USR1", "TERM"] = "USR1"
+    grace_seconds: int = 90
+    requeue: bool = True
+    # auto: handle the signals when running inside a SLURM job; on: always; off: never
+    preemption: Literal["auto", "on", "off"] = "auto"
+
+
+@dataclass
 class Recipe:
     """A complete run description."""
 
@@ -152,6 +167,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -390,5 +406,6 @@ def validate(r: Recipe) -> None:
     _check(r.tracking.metrics_every >= 0, "tracking.metrics_every must be >= 0 (0 disables)")
     _check(dist.zero_stage in (1, 2, 3), f"distributed.zero_stage must be 1, 2 or 3 (got {dist.zero_stage})")
     _check(dist.devices >= 1 and dist.nodes >= 1, "distributed.devices and distributed.nodes must be >= 1")
+    _check(r.slurm.grace_seconds >= 1, f"slurm.grace_seconds must be >= 1 (got {r.slurm.grace_seconds})")
     if m.pretrained is not None:
         _check(m.arch == "gpt2", "model.pretrained is only supported for model.arch: gpt2")

@@ -1,11 +1,12 @@
 """Data pipeline: sources -> tokenizer -> token shards -> deterministic loader.
 
 Public API (imported lazily, so ``import wbscale.data`` stays cheap and tokenizer
-worker processes never import torch)::
+worker processes never import torch). ``prepare()`` itself is
+``wbscale.data.prepare.prepare``: here the name ``prepare`` is the module's::
 
     iter_documents(cfg) -> Iterator[str]                       # sources
     generate_stories(n, seed) -> list[str]                     # synthetic
-    prepare(cfg, progress=True, force=False) -> Path           # prepare
+    prepare_data(cfg, progress=True, force=False) -> PrepareReport
     measure_prepare_overhead(cfg) -> dict
     load_tokenizer(data_dir), eot_id(tok), encode, decode      # tokenizer
     tokenizer_sha256(path)
@@ -31,7 +32,6 @@ _EXPORTS = {
     "PrepareReport": "prepare",
     "config_fingerprint": "prepare",
     "measure_prepare_overhead": "prepare",
-    "prepare": "prepare",
     "prepare_data": "prepare",
     "TokenShards": "loader",
     "TrainStream": "loader",

@@ -26,6 +26,7 @@ __all__ = [
     "eot_id",
     "load_tokenizer",
     "load_tokenizer_file",
+    "tokenizer_path",
     "tokenizer_sha256",
     "train_bpe",
     "vocab_size",
@@ -56,9 +57,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return tok
 
 
-def load_tokenizer_file(path: str | Path) -> Tokenizer:
-    """Load a ``tokenizer.json`` file given by the user (``data.tokenizer``)."""
-    path = Path(path)
+def tokenizer_path(path: str | Path) -> Path:
+    """``path`` if it is a file; a UserError saying what to give instead otherwise."""
+    path = Path(path).expanduser()
     if not path.is_file():
         hint = (
             f" ({path} is a folder: point at the tokenizer.json inside it)"
@@ -69,6 +70,12 @@ def load_tokenizer_file(path: str | Path) -> Tokenizer:
             f"data.tokenizer: no tokenizer file at '{path}'{hint}. Give the path to a "
             "tokenizer.json (e.g. GPT-2's), or set data.tokenizer: bpe to train one."
         )
+    return path
+
+
+def load_tokenizer_file(path: str | Path) -> Tokenizer:
+    """Load a ``tokenizer.json`` file given by the user (``data.tokenizer``)."""
+    path = tokenizer_path(path)
     try:
         return Tokenizer.from_file(str(path))
     except Exception as err:  # the Rust side raises plain Exception for bad JSON

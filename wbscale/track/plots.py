@@ -22,7 +22,7 @@ from wbscale.track.jsonl_logger import latest_values, read_metrics
 LAYER_KEY = re.compile(r"^whitebox/layer(\d+)/(\w+)$")
 # metric name -> axis label, in plotting order
 WHITEBOX_PLOTTED = {
-    "sparsity": "sparsity (fraction of zeros)",
+    "sparsity": "sparsity (fraction of inactive units)",
     "coding_rate": "coding rate of head projections (nats)",
     "compression_gain": "compression gain of MSSA (nats)",
 }

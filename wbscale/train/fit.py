@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from wbscale.data.prepare import prepare
 from wbscale.data.tokenizer import load_tokenizer
 from wbscale.errors import UserError
 from wbscale.io import atomic_write_json
+from wbscale.launch import launch_rank
 from wbscale.train.checkpoint import (
     AtomicCheckpoint,
     CheckpointInfo,
@@ -33,7 +33,9 @@ from wbscale.train.checkpoint import (
     read_checkpoint,
 )
 from wbscale.train.datamodule import TokenDataModule
+from wbscale.train.elastic import plan_resume
 from wbscale.train.module import LMModule
+from wbscale.train.strategy import build_strategy, strategy_callbacks
 
 
 @dataclass
@@ -47,10 +49,8 @@ class FitResult:
 
 
 def is_rank_zero() -> bool:
-    """True on the launching process (before any process group exists)."""
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0 and int(
-        os.environ.get("LOCAL_RANK", "0")
-    ) == 0
+    """True on the global rank-0 process (before any process group exists)."""
+    return launch_rank() == 0
 
 
 def say(msg: str) -> None:
@@ -170,12 +170,14 @@ def build_callbacks(recipe: Recipe, run_dir: Path, data_dir: Path, meta: dict[st
     return callbacks
 
 
-def build_loggers(recipe: Recipe, run_dir: Path, resume_step: int) -> list:
+def build_loggers(recipe: Recipe, run_dir: Path, ckpt: CheckpointInfo | None) -> list:
     from wbscale.track.jsonl_logger import JSONLLogger
     from wbscale.track.wandb_run import make_wandb_logger
 
-    loggers: list = [JSONLLogger(run_dir / "metrics.jsonl", resume_step=resume_step)]
-    wandb_logger = make_wandb_logger(recipe, run_dir)
+    # On resume, metrics logged after the checkpoint (by the interrupted process) are dropped;
+    # a fresh run starts a fresh file. The wandb id comes from the checkpoint when known.
+    loggers: list = [JSONLLogger(run_dir / "metrics.jsonl", resume_step=ckpt.step if ckpt else None)]
+    wandb_logger = make_wandb_logger(recipe, run_dir, run_id=ckpt.meta.get("wandb_id") if ckpt else None)
     if wandb_logger is not None:
         loggers.append(wandb_logger)
     return loggers
@@ -211,7 +213,8 @@ def fit(recipe: Recipe, resume: str = "auto", progress: bool | None = None) -> F
 
     L.seed_everything(recipe.train.seed, workers=True, verbose=False)
     accelerator = accelerator_for(recipe)
-    loggers = build_loggers(recipe, run_dir, resume_step=ckpt.step if ckpt else 0)
+    plan = plan_resume(recipe, ckpt)  # converts a checkpoint of another topology first
+    loggers = build_loggers(recipe, run_dir, ckpt)
     meta = {
         "recipe": recipe.to_dict(),
         "tokenizer_sha256": tokenizer_sha,
@@ -221,12 +224,13 @@ def fit(recipe: Recipe, resume: str = "auto", progress: bool | None = None) -> F
     module = LMModule(recipe, extra_state={"tokenizer_sha256": tokenizer_sha, "wandb_id": meta["wandb_id"]})
     datamodule = TokenDataModule(recipe, data_dir)
     t = recipe.train
+    precision = precision_for(recipe, accelerator)
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=recipe.distributed.devices,
         num_nodes=recipe.distributed.nodes,
-        strategy="auto" if recipe.distributed.strategy == "auto" else recipe.distributed.strategy,
-        precision=precision_for(recipe, accelerator),
+        strategy=build_strategy(recipe, accelerator, precision, load_universal=plan.load_universal),
+        precision=precision,
         max_steps=t.max_steps,
         accumulate_grad_batches=t.grad_accum,
         gradient_clip_val=recipe.optim.grad_clip or None,
@@ -235,7 +239,7 @@ def fit(recipe: Recipe, resume: str = "auto", progress: bool | None = None) -> F
         limit_val_batches=t.val_batches,
         num_sanity_val_steps=0,
         logger=loggers,
-        callbacks=build_callbacks(recipe, run_dir, data_dir, meta, progress),
+        callbacks=build_callbacks(recipe, run_dir, data_dir, meta, progress) + strategy_callbacks(recipe),
         enable_checkpointing=False,
         enable_progress_bar=progress,
         enable_model_summary=False,
@@ -248,10 +252,14 @@ def fit(recipe: Recipe, resume: str = "auto", progress: bool | None = None) -> F
         module.model.compile()  # in place: parameter names (and checkpoints) stay unchanged
     # Our own checkpoints carry RNG states (numpy, python) that weights_only loading refuses.
     trainer.fit(
-        module, datamodule=datamodule, ckpt_path=str(ckpt.model_path) if ckpt else None, weights_only=False
+        module, datamodule=datamodule, ckpt_path=plan.ckpt_path, weights_only=False
     )
     if trainer.is_global_zero:
         write_summary(trainer, run_dir, data_dir)
+    from wbscale.track.wandb_run import finish_wandb
+
+    for logger in loggers[1:]:  # the wandb logger, when there is one
+        finish_wandb(logger)
     return FitResult(run_dir, trainer.global_step, ckpt.step if ckpt else None)
 
 
