@@ -10,8 +10,10 @@ element-wise kernel ever runs:
 A and B are strided views, so W^T and the transposed codes of the weight gradient are read
 in place. Up to four (A_s, B_s, scale_s) segments that share shapes and strides form one
 GEMM with K = n_segments * T: that is how the weight gradient ``[z2; eta g2; -z1; eta g1]^T
-[gy; u; gu; x]`` is one launch with one fp32 accumulator (split-K over the token dimension
-when the m x d output has too few tiles to fill the GPU, accumulated with fp32 atomics).
+[gy; u; gu; x]`` is one launch with one fp32 accumulator. When the m x d output has too few
+tiles to fill the GPU the autotuner may split the token dimension (split-K) and add the
+partial sums with fp32 atomics into a zeroed buffer; the weight gradient's summation order
+then varies from run to run on the GPU (last-bit differences, as with cuBLAS split-K).
 
 Overcomplete block (x: T x d, W: m x d), 4 GEMMs forward, 4 + 1 (K = 4T) backward:
 
@@ -491,9 +493,15 @@ def _gemm_torch(
     return out.copy_(v)
 
 
-def _weight_grad(segments: Sequence[Segment], shape: tuple[int, int], dtype: torch.dtype, *,
-                 a_mask: Tensor | None = None, transposed: bool = False) -> Tensor:  # fmt: skip
-    """sum_s scale_s A_s^T-style GEMM over K = n_seg * T into an fp32 buffer, cast to ``dtype``.
+def _weight_grad(
+    segments: Sequence[Segment],
+    shape: tuple[int, int],
+    dtype: torch.dtype,
+    *,
+    a_mask: Tensor | None = None,
+    transposed: bool = False,
+) -> Tensor:
+    """sum_s scale_s A_s B_s (K = n_seg * T) into a zeroed fp32 buffer, cast to ``dtype``.
 
     ``transposed``: the segments compute gW^T, stored through a transposed view of gW.
     """
@@ -694,15 +702,41 @@ def ista_triton(
     return (y, z) if return_code else y
 
 
-def ista_overcomplete_triton(x: Tensor, weight: Tensor, eta: float = 0.1, lam: float = 0.1,
-                             return_code: bool = False, save_activations: bool = True):  # fmt: skip
+def ista_overcomplete_triton(
+    x: Tensor,
+    weight: Tensor,
+    eta: float = 0.1,
+    lam: float = 0.1,
+    return_code: bool = False,
+    save_activations: bool = True,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Two-step over-complete ISTA block (CRATE LM), fused; see :func:`ista_triton`."""
-    return ista_triton(x, weight, variant="overcomplete", eta=eta, lam=lam,
-                       return_code=return_code, save_activations=save_activations)  # fmt: skip
+    return ista_triton(
+        x,
+        weight,
+        variant="overcomplete",
+        eta=eta,
+        lam=lam,
+        return_code=return_code,
+        save_activations=save_activations,
+    )
 
 
-def ista_square_triton(x: Tensor, weight: Tensor, eta: float = 0.1, lam: float = 0.1,
-                       return_code: bool = False, save_activations: bool = True):  # fmt: skip
+def ista_square_triton(
+    x: Tensor,
+    weight: Tensor,
+    eta: float = 0.1,
+    lam: float = 0.1,
+    return_code: bool = False,
+    save_activations: bool = True,
+) -> Tensor | tuple[Tensor, Tensor]:
     """One-step square-dictionary ISTA block (original CRATE), fused; see :func:`ista_triton`."""
-    return ista_triton(x, weight, variant="square", eta=eta, lam=lam,
-                       return_code=return_code, save_activations=save_activations)  # fmt: skip
+    return ista_triton(
+        x,
+        weight,
+        variant="square",
+        eta=eta,
+        lam=lam,
+        return_code=return_code,
+        save_activations=save_activations,
+    )

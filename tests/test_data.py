@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -260,6 +261,16 @@ def test_prepare_errors_are_clear(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="is a file"):
         prep.prepare(small_cfg(tmp_path, out_dir=str(tmp_path / "file")), progress=False)
+
+
+def test_progress_line_only_on_a_terminal(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    prep.prepare(small_cfg(tmp_path), progress=True)
+    err = capsys.readouterr().err
+    assert "\rprepare: 300 documents read" in err and "tokens/s" in err
+    prep.prepare(small_cfg(tmp_path, out_dir=str(tmp_path / "quiet")), progress=False)
+    err = capsys.readouterr().err
+    assert "\r" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_measure_prepare_overhead_reports_both_throughputs():

@@ -138,6 +138,49 @@ def cmd_recipes_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_slurm_submit(args: argparse.Namespace) -> int:
+    from wbscale.slurm.submit import submit
+
+    result = submit(
+        args.recipe, args.overrides, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+        partition=args.partition, account=args.account, time=args.time, qos=args.qos,
+        constraint=args.constraint, array=args.array, site_path=args.site, dry_run=args.dry_run,
+    )
+    if args.dry_run:
+        print(result.script, end="")
+        return 0
+    print(result.job_id)
+    print(
+        f"wbscale: submitted job {result.job_id} for run folder {result.run_dir} "
+        f"(logs: {result.spec.slurm_dir}/); follow it with: wbscale slurm status {result.run_dir}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_slurm_status(args: argparse.Namespace) -> int:
+    from wbscale.slurm.status import all_runs, format_status, resolve_run, run_status, status_dicts
+
+    runs = [resolve_run(args.run, args.runs_dir)] if args.run else all_runs(args.runs_dir)
+    if not runs:
+        raise UserError(f"no run under {args.runs_dir}/ has SLURM jobs; submit one with: wbscale slurm submit RECIPE")
+    reports = [(run, run_status(run)) for run in runs]
+    if args.json:
+        print(json.dumps([status_dicts(run, rows) for run, rows in reports], indent=2))
+    else:
+        print("\n\n".join(format_status(run, rows) for run, rows in reports))
+    return 0
+
+
+def cmd_slurm_cancel(args: argparse.Namespace) -> int:
+    from wbscale.slurm.status import cancel, resolve_run
+
+    run = resolve_run(args.run, args.runs_dir)
+    ids = cancel(run)
+    print(f"wbscale: cancelled {', '.join(ids)}" if ids else f"wbscale: no queued or running job for {run}", file=sys.stderr)
+    return 0
+
+
 # ---------------------------------------------------------------------------- parser
 
 
@@ -213,6 +256,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_recipes_show)
+
+    slurm = sub.add_parser("slurm", help="run on a SLURM cluster: submit, status, cancel").add_subparsers(
+        dest="slurm_command", required=True
+    )
+    p = slurm.add_parser("submit", help="render the job script for a recipe and sbatch it")
+    p.add_argument("recipe", metavar="RECIPE", help="recipe YAML file or name under recipes/")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a recipe value (repeatable); saved with the run, so requeued jobs see it too",
+    )
+    p.add_argument("--nodes", type=int, help="nodes (default: the recipe's distributed.nodes)")
+    p.add_argument("--gpus-per-node", type=int, help="GPUs per node, one task each (default: distributed.devices)")
+    p.add_argument("--partition")
+    p.add_argument("--account")
+    p.add_argument("--time", metavar="HH:MM:SS", help="time limit; the run checkpoints and requeues before it")
+    p.add_argument("--qos")
+    p.add_argument("--constraint")
+    p.add_argument("--array", metavar="INDEXES", help="job array (e.g. 0-3): task i trains run '<run>-i', seed + i")
+    p.add_argument("--site", metavar="FILE", help="site settings (default: ~/.config/wbscale/slurm.yaml if present)")
+    p.add_argument("--dry-run", action="store_true", help="print the job script; submit nothing")
+    p.set_defaults(func=cmd_slurm_submit)
+    p = slurm.add_parser("status", help="jobs of a run: state, requeues, last checkpoint step")
+    p.add_argument("run", nargs="?", metavar="RUN", help="run folder or run name (default: every run with jobs)")
+    p.add_argument("--runs-dir", default="runs", help="where run names are looked up (default: runs)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_slurm_status)
+    p = slurm.add_parser("cancel", help="scancel the queued and running jobs of a run (running ones checkpoint first)")
+    p.add_argument("run", metavar="RUN", help="run folder or run name")
+    p.add_argument("--runs-dir", default="runs", help="where run names are looked up (default: runs)")
+    p.set_defaults(func=cmd_slurm_cancel)
     return parser
 
 

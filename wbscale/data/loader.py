@@ -195,7 +195,9 @@ class WindowSampler:
     An epoch is a seeded permutation of all slots; ``windows_per_epoch`` is constant.
     """
 
-    def __init__(self, shard_sizes: list[int], window: int, seed: int, random_offset: bool = True):
+    def __init__(
+        self, shard_sizes: list[int], window: int, seed: int, random_offset: bool = True
+    ) -> None:
         self.window = window
         self.seed = seed
         self.random_offset = random_offset

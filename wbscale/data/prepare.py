@@ -415,11 +415,11 @@ class _Progress:
         self.last = 0.0
         self.t0 = time.perf_counter()
 
-    def update(self, docs: int, tokens: int) -> None:
+    def update(self, docs: int, tokens: int, force: bool = False) -> None:
         if not self.live:
             return
         now = time.perf_counter()
-        if now - self.last < 0.5:
+        if now - self.last < 0.5 and not force:
             return
         self.last = now
         rate = tokens / max(now - self.t0, 1e-9)
@@ -571,6 +571,8 @@ def _tokenize_pass(
             collect()
         for w in writers.values():
             w.finish()
+        if progress is not None:
+            progress.update(stats.documents, stats.tokens, force=True)
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)

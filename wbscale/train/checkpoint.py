@@ -32,6 +32,7 @@ from wbscale.io import atomic_write_json, atomic_write_text, fsync_dir, fsync_tr
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 MODEL_FILE = "model.ckpt"
 META_FILE = "meta.json"
+RNG_DIR = "rng"  # rng/rank-00000.pt …: each rank's RNG states
 
 
 @dataclass(frozen=True)
@@ -148,9 +149,11 @@ class AtomicCheckpoint(L.Callback):
             root.mkdir(parents=True, exist_ok=True)
             if tmp.exists():
                 shutil.rmtree(tmp)
-            tmp.mkdir()
+            (tmp / RNG_DIR).mkdir(parents=True)
         trainer.strategy.barrier("wbscale-ckpt-begin")
+        # Every rank writes: DeepSpeed its shards into model.ckpt/, each rank its RNG state.
         trainer.save_checkpoint(tmp / MODEL_FILE)
+        _save_rank_rng(tmp, trainer.global_rank)
         trainer.strategy.barrier("wbscale-ckpt-written")
         if trainer.is_global_zero:
             datamodule = trainer.datamodule
@@ -159,8 +162,11 @@ class AtomicCheckpoint(L.Callback):
                 "samples": datamodule.samples_consumed() if datamodule is not None else None,
                 "world_size": trainer.world_size,
                 "strategy": type(trainer.strategy).__name__,
+                "zero_stage": zero_stage_of(trainer.strategy),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "torch": torch.__version__,
+                # sizes of every file the checkpoint holds: integrity check before resume
+                "files": _file_sizes(tmp),
                 **self.meta_fn(),
             }
             atomic_write_json(tmp / META_FILE, meta)
@@ -175,12 +181,105 @@ class AtomicCheckpoint(L.Callback):
         self.last_saved_step = step
         return final
 
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # The Lightning state holds rank 0's RNG only (the module restores it on every
+        # rank); with the same world size each rank gets its own back.
+        if trainer.ckpt_path:
+            _load_rank_rng(Path(trainer.ckpt_path).parent, trainer.global_rank, trainer.world_size)
+
     def _prune(self, root: Path) -> None:
         complete = list_checkpoints(self.run_dir)
         for old in complete[: max(0, len(complete) - self.keep_last)]:
             shutil.rmtree(old.path, ignore_errors=True)
         for stray in root.glob(".tmp-step-*"):  # leftovers of a crash mid-save
             shutil.rmtree(stray, ignore_errors=True)
+
+
+def zero_stage_of(strategy: Any) -> int | None:
+    """The ZeRO stage a DeepSpeed strategy runs with; None for any other strategy."""
+    config = getattr(strategy, "config", None)
+    if isinstance(config, dict) and isinstance(config.get("zero_optimization"), dict):
+        return int(config["zero_optimization"].get("stage", 0))
+    return None
+
+
+def _file_sizes(folder: Path) -> dict[str, int]:
+    return {
+        str(p.relative_to(folder)): p.stat().st_size
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != META_FILE
+    }
+
+
+def _save_rank_rng(folder: Path, rank: int) -> None:
+    from wbscale.train.module import rng_state
+
+    torch.save(rng_state(), folder / RNG_DIR / f"rank-{rank:05d}.pt")
+
+
+def _load_rank_rng(folder: Path, rank: int, world_size: int) -> None:
+    from wbscale.train.module import set_rng_state
+
+    meta_path = folder / META_FILE
+    path = folder / RNG_DIR / f"rank-{rank:05d}.pt"
+    if not meta_path.is_file() or not path.is_file():
+        return
+    if json.loads(meta_path.read_text()).get("world_size") != world_size:
+        return  # another world size: ranks do not correspond; rank 0's state stays
+    set_rng_state(torch.load(path, map_location="cpu", weights_only=False))
+
+
+def checkpoint_problems(info: CheckpointInfo) -> list[str]:
+    """Missing or truncated files of a checkpoint (by the sizes in its meta.json)."""
+    problems = []
+    files = info.meta.get("files")
+    if files is None:  # written before sizes were recorded: check the shard count at least
+        tag = info.model_path / "checkpoint"
+        if info.model_path.is_dir():
+            found = len(list(tag.glob("*optim_states.pt")))
+            expected = int(info.meta.get("world_size") or 1)
+            if found < expected:
+                problems.append(f"{tag}: {found} optimizer shard(s), expected {expected} (one per rank)")
+        return problems
+    for rel, size in files.items():
+        path = info.path / rel
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif path.stat().st_size != size:
+            problems.append(f"{path}: {path.stat().st_size} bytes, expected {size} (truncated or corrupt)")
+    return problems
+
+
+def verify_checkpoint(info: CheckpointInfo) -> None:
+    """Raise a UserError naming the first missing or truncated file of a checkpoint."""
+    problems = checkpoint_problems(info)
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise UserError(
+            f"checkpoint {info.path} is damaged: {problems[0]}{more}. Resume from an earlier "
+            f"checkpoint (pass --resume {info.path.parent}/step-… or delete {info.path} and use --resume auto)"
+        )
+
+
+def latest_intact_checkpoint(run_dir: Path, warn=None) -> CheckpointInfo | None:
+    """The newest checkpoint whose files are all present and complete.
+
+    A damaged newer one is skipped with a warning (``warn(msg)``) naming the file at fault.
+    """
+    newest = latest_checkpoint(run_dir)
+    if newest is None:
+        return None
+    candidates = [newest] + [c for c in reversed(list_checkpoints(run_dir)) if c.step < newest.step]
+    for info in candidates:
+        problems = checkpoint_problems(info)
+        if not problems:
+            return info
+        if warn is not None:
+            warn(f"warning: skipping damaged checkpoint {info.path}: {problems[0]}")
+    raise UserError(
+        f"no intact checkpoint in {checkpoints_dir(run_dir)}: every one has missing or truncated "
+        "files (see the warnings above); start a new train.run_name or restore the files"
+    )
 
 
 def inspect_checkpoint(path: Path) -> dict[str, Any]:
@@ -190,9 +289,10 @@ def inspect_checkpoint(path: Path) -> dict[str, Any]:
     recipe = info.meta.get("recipe", {})
     block = recipe.get("model", {}).get("block_size")
     samples = info.meta.get("samples")
-    problems = []
+    problems = checkpoint_problems(info)
     model_path = info.model_path
-    if model_path.is_file():
+    shards = sorted(p.name for p in (model_path / "checkpoint").glob("*.pt")) if model_path.is_dir() else []
+    if model_path.is_file() and not problems:
         try:
             state = torch.load(model_path, map_location="cpu", weights_only=False)
             if "state_dict" not in state:
@@ -206,6 +306,11 @@ def inspect_checkpoint(path: Path) -> dict[str, Any]:
         "tokens_seen": samples * block if samples is not None and block else None,
         "world_size": info.meta.get("world_size"),
         "strategy": info.meta.get("strategy"),
+        "zero_stage": info.meta.get("zero_stage"),
+        "sharded": model_path.is_dir(),
+        "shards": shards,
+        # folders derived by elastic resume / consolidation (not part of the integrity check)
+        "derived": sorted(p.name for p in info.path.iterdir() if p.name in ("universal", "full.ckpt")),
         "size_bytes": sum(p.stat().st_size for p in files),
         "files": len(files),
         "model": recipe.get("model", {}),

@@ -26,11 +26,14 @@ from wbscale.data.tokenizer import load_tokenizer
 from wbscale.errors import UserError
 from wbscale.io import atomic_write_json
 from wbscale.launch import launch_rank
+from wbscale.slurm.preemption import cluster_plugins
 from wbscale.train.checkpoint import (
     AtomicCheckpoint,
     CheckpointInfo,
     latest_checkpoint,
+    latest_intact_checkpoint,
     read_checkpoint,
+    verify_checkpoint,
 )
 from wbscale.train.datamodule import TokenDataModule
 from wbscale.train.elastic import plan_resume
@@ -85,7 +88,8 @@ def ensure_data(recipe: Recipe, progress: bool = True) -> Path:
 def resolve_resume(run_dir: Path, resume: str) -> CheckpointInfo | None:
     """``auto``: newest checkpoint if any; ``never``: refuse a run folder with checkpoints."""
     if resume == "auto":
-        return latest_checkpoint(run_dir)
+        # a damaged newest checkpoint (missing/truncated shard) falls back to the one before
+        return latest_intact_checkpoint(run_dir, warn=say)
     if resume == "never":
         existing = latest_checkpoint(run_dir)
         if existing is not None:
@@ -94,7 +98,9 @@ def resolve_resume(run_dir: Path, resume: str) -> CheckpointInfo | None:
                 "pass --resume auto to continue it, or choose another train.run_name"
             )
         return None
-    return read_checkpoint(Path(resume))
+    info = read_checkpoint(Path(resume))
+    verify_checkpoint(info)  # an explicit path: name the damaged file, no silent fallback
+    return info
 
 
 def check_compatible(recipe: Recipe, ckpt: CheckpointInfo, tokenizer_sha: str) -> None:
@@ -136,8 +142,9 @@ def accelerator_for(recipe: Recipe) -> str:
 
 
 def build_callbacks(recipe: Recipe, run_dir: Path, data_dir: Path, meta: dict[str, Any], progress: bool) -> list[L.Callback]:
-    """Checkpointing, white-box metrics, samples, plots, progress bar."""
+    """Checkpointing, SLURM preemption, white-box metrics, samples, plots, progress bar."""
     from wbscale.data.loader import val_batches
+    from wbscale.slurm.preemption import SlurmPreemption, preemption_enabled
     from wbscale.track.callbacks import Plots, SampleGeneration, WhiteBoxMetrics
 
     t = recipe.train
@@ -146,6 +153,8 @@ def build_callbacks(recipe: Recipe, run_dir: Path, data_dir: Path, meta: dict[st
             run_dir, every=t.ckpt_every, keep_last=t.keep_last, meta_fn=lambda: meta, exit_interval=t.exit_interval
         ),
     ]
+    if preemption_enabled(recipe.slurm.preemption):  # after AtomicCheckpoint: it saves through it
+        callbacks.append(SlurmPreemption(run_dir, signal_name=recipe.slurm.signal, requeue=recipe.slurm.requeue))
     if recipe.tracking.metrics_every > 0:
         # A fixed held-out batch so metrics are comparable step to step.
         x, _ = val_batches(data_dir, recipe.model.block_size, t.micro_batch_size, 1)[0]
@@ -247,6 +256,7 @@ def fit(recipe: Recipe, resume: str = "auto", progress: bool | None = None) -> F
         default_root_dir=str(run_dir),
         use_distributed_sampler=False,
         log_every_n_steps=t.log_every,
+        plugins=cluster_plugins(),  # under srun: SLURM's environment, Lightning's auto-requeue off
     )
     if t.compile:
         module.model.compile()  # in place: parameter names (and checkpoints) stay unchanged

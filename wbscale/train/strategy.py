@@ -395,8 +395,13 @@ def build_strategy(recipe: Recipe, accelerator: str, precision: str = "32-true",
 
 
 def strategy_callbacks(recipe: Recipe) -> list[L.Callback]:
-    """Callbacks the ``distributed:`` section asks for (activation checkpointing)."""
-    return [ActivationCheckpointing()] if recipe.distributed.activation_checkpointing else []
+    """Callbacks of the distributed side: elastic resume bookkeeping, activation checkpointing."""
+    from wbscale.train.elastic import AccumulationChange
+
+    callbacks: list[L.Callback] = [AccumulationChange()]
+    if recipe.distributed.activation_checkpointing:
+        callbacks.append(ActivationCheckpointing())
+    return callbacks
 
 
 def parallel_env() -> dict[str, int]:

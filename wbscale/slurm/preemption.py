@@ -1,0 +1,225 @@
+"""Preemption and time limits: checkpoint at a step boundary, requeue, exit.
+
+SLURM warns a job before it ends it: ``sbatch --signal=USR1@90`` sends SIGUSR1 90 s before
+the time limit, and a cancel or a preemption sends SIGTERM (SIGKILL follows after KillWait
+or GraceTime). The handlers here only set a flag: nothing is safe inside a signal handler
+in the middle of a step (Lightning's own handlers save, or run a collective, right there).
+At the next optimizer-step boundary every rank takes part in one all-reduce (MAX) of the
+flag, because a signal can reach the ranks a step apart; so all ranks stop at the same step.
+They save a checkpoint with :class:`~wbscale.train.checkpoint.AtomicCheckpoint`, close the
+loggers (wandb included: SLURM signals every process of the job, its service too), and:
+
+- the requeue signal (``slurm.signal``, USR1 by default): rank 0 runs
+  ``scontrol requeue <job>`` (``<array job>_<task>`` in an array) and every rank exits 0.
+  The requeued job runs ``wbscale fit --resume auto``: the same checkpoint, the same wandb
+  run id, the next sample of the data stream.
+- SIGTERM when it is not the requeue signal: the job is being cancelled or preempted; exit
+  143 after the checkpoint (SLURM requeues a preempted ``--requeue`` job by itself).
+- no ``scontrol`` on PATH (containers), a failed requeue, ``slurm.requeue: false``, or not a
+  SLURM job: a warning, exit 75 (EX_TEMPFAIL), so SLURM's ``--requeue`` can act; a cluster
+  with ``RequeueExit=75`` requeues it, anywhere else resubmitting resumes the run.
+
+Lightning's own SLURM requeue is switched off (:func:`cluster_plugins`) so the two never
+both save and requeue.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from wbscale.slurm.record import append_event, job_id_from_env
+
+NONE, REQUEUE, STOP = 0, 1, 2  # ordered: when ranks disagree the larger wins
+EXIT_REQUEUED = 0
+EXIT_NOT_REQUEUED = 75  # EX_TEMPFAIL: "try again later"; SLURM's RequeueExit can name it
+EXIT_TERMINATED = 128 + signal.SIGTERM
+SIGNALS = {"USR1": signal.SIGUSR1, "TERM": signal.SIGTERM}
+SCONTROL_TIMEOUT = 60.0
+
+
+def in_slurm_job() -> bool:
+    """Inside a batch or srun job (an interactive ``srun bash`` shell does not count)."""
+    return bool(os.environ.get("SLURM_JOB_ID")) and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive")
+
+
+def preemption_enabled(preemption: str) -> bool:
+    """``slurm.preemption``: ``on``, ``off``, or ``auto`` (= inside a SLURM job)."""
+    return preemption == "on" or (preemption == "auto" and in_slurm_job())
+
+
+def cluster_plugins() -> list[Any]:
+    """Trainer plugins: under srun, SLURM's environment without Lightning's auto-requeue."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+
+
+def _say(msg: str) -> None:
+    print(f"[wbscale] {msg}", file=sys.stderr, flush=True)
+
+
+class SlurmPreemption(L.Callback):
+    """On the requeue signal or SIGTERM: checkpoint at the next step, requeue, exit.
+
+    ``run_dir`` is the run being trained; events go to ``record_dir`` (the submitted run's
+    folder, ``$WBSCALE_SLURM_RUN_DIR`` in a job; for an array task it is the array's).
+    Must come after :class:`AtomicCheckpoint` in the callback list.
+    """
+
+    def __init__(self, run_dir: Path, signal_name: str = "USR1", requeue: bool = True, record_dir: Path | None = None):
+        self.run_dir = Path(run_dir)
+        self.record_dir = Path(record_dir or os.environ.get("WBSCALE_SLURM_RUN_DIR") or run_dir)
+        self.requeue_signal = SIGNALS[signal_name]
+        self.requeue = requeue
+        self._request = NONE
+        self._received: list[str] = []
+        # idle: outside fit, the signals act as they did before; armed: a flag for the next
+        # step boundary; done: after the last step there is nothing left to save or requeue;
+        # leaving: saved and on the way out (a requeue makes SLURM send SIGTERM right away)
+        self._phase = "idle"
+        self._previous: dict[int, Any] = {}
+
+    # ------------------------------------------------------------------ signal handling
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self._phase == "armed":
+            self._received.append(signal.Signals(signum).name)
+            self._request = max(self._request, REQUEUE if signum == self.requeue_signal else STOP)
+            return
+        if self._phase == "leaving":
+            return  # the checkpoint is saved and the process exits; SIGKILL follows if it hangs
+        if self._phase == "done" and signum != signal.SIGTERM:
+            return  # a time-limit warning after the last step: the run is complete
+        # SIGTERM after the loop, or any signal outside fit: never swallowed, acted on as before
+        previous = self._previous.get(signum, signal.SIG_DFL)
+        signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    def _install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for signum in (self.requeue_signal, signal.SIGTERM):
+            current = signal.getsignal(signum)
+            if signum not in self._previous and current != self._handle:
+                self._previous[signum] = current
+            signal.signal(signum, self._handle)
+
+    def _restore(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    # ------------------------------------------------------------------ hooks
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._request, self._received = NONE, []
+            self._phase = "armed"
+            self._install()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning wraps SIGTERM with its own handler after setup; take it back.
+        self._install()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._phase = "done"
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if self._phase != "leaving":
+            self._phase = "idle"
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._phase = "idle"
+            self._restore()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches != 0:
+            return
+        request = self._agreed_request(trainer)
+        if request == NONE:
+            return
+        if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+            return  # the last step: the run completes normally (and saves) instead
+        self._stop(trainer, request)
+
+    # ------------------------------------------------------------------ stopping
+
+    def _agreed_request(self, trainer: L.Trainer) -> int:
+        """The largest request of any rank (every rank calls this at every step)."""
+        if trainer.world_size <= 1:
+            return self._request
+        flag = torch.tensor([self._request], dtype=torch.int32, device=trainer.strategy.root_device)
+        return int(trainer.strategy.reduce(flag, reduce_op="max").item())
+
+    def _stop(self, trainer: L.Trainer, request: int) -> None:
+        from wbscale.track.wandb_run import finish_wandb
+        from wbscale.train.checkpoint import AtomicCheckpoint, checkpoints_dir
+
+        step = trainer.global_step
+        self._phase = "leaving"
+        saver = next((c for c in trainer.callbacks if isinstance(c, AtomicCheckpoint)), None)
+        if saver is None:
+            raise RuntimeError("SlurmPreemption needs an AtomicCheckpoint callback before it")
+        path = checkpoints_dir(saver.run_dir) / f"step-{step:08d}"
+        if saver.last_saved_step != step:
+            path = saver.save(trainer)
+        for logger in trainer.loggers:
+            logger.save()
+            finish_wandb(logger)
+        signame = "/".join(dict.fromkeys(self._received)) or "a signal on another rank"
+        code = EXIT_TERMINATED
+        if trainer.is_global_zero:
+            if request == REQUEUE:
+                code, outcome, detail = self._requeue()
+            else:
+                outcome = "stopped"
+                detail = "SIGTERM: the job is being cancelled or preempted; not requeuing (SLURM requeues a preempted --requeue job)"
+            message = f"{signame} received: checkpoint saved at step {step} ({path}); {detail}; exiting with status {code}"
+            _say(message)
+            append_event(
+                self.record_dir, "preempt", job_id=job_id_from_env(), step=step, signal=signame, action=outcome,
+                exit_code=code, trained_run=str(self.run_dir),
+            )
+        code = int(trainer.strategy.broadcast(code, src=0))
+        raise SystemExit(code)
+
+    def _requeue(self) -> tuple[int, str, str]:
+        """Rank 0: ``scontrol requeue`` this job; (exit code, outcome, what happened)."""
+        resume_hint = "resubmit (or rerun `wbscale fit ... --resume auto`): the run resumes from this checkpoint"
+        if not self.requeue:
+            return EXIT_NOT_REQUEUED, "not-requeued", f"slurm.requeue is false, so not requeuing; {resume_hint}"
+        job = job_id_from_env()
+        if job is None:
+            return EXIT_NOT_REQUEUED, "not-requeued", f"not inside a SLURM job (no SLURM_JOB_ID); {resume_hint}"
+        scontrol = shutil.which("scontrol")
+        if scontrol is None:
+            return (
+                EXIT_NOT_REQUEUED, "not-requeued",
+                f"WARNING: 'scontrol' is not on PATH (usual inside containers), so job {job} cannot requeue "
+                f"itself; exiting with status {EXIT_NOT_REQUEUED} so SLURM's --requeue can act (a cluster with "
+                f"RequeueExit={EXIT_NOT_REQUEUED} requeues it); otherwise {resume_hint}",
+            )
+        started = time.monotonic()
+        try:
+            proc = subprocess.run([scontrol, "requeue", job], capture_output=True, text=True, timeout=SCONTROL_TIMEOUT)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            return EXIT_NOT_REQUEUED, "not-requeued", f"WARNING: `scontrol requeue {job}` failed ({err}); {resume_hint}"
+        if proc.returncode != 0:
+            why = (proc.stderr or proc.stdout).strip() or f"exit status {proc.returncode}"
+            return EXIT_NOT_REQUEUED, "not-requeued", f"WARNING: `scontrol requeue {job}` failed: {why}; {resume_hint}"
+        took = time.monotonic() - started
+        return EXIT_REQUEUED, "requeued", f"requeued job {job} ({took:.1f}s); it resumes from this checkpoint"
