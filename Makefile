@@ -37,3 +37,12 @@ bench: venv
 
 clean:
 	rm -rf runs data/synthetic-stories .pytest_cache
+
+# A real two-node SLURM cluster on this machine (root; Debian's slurm + munge packages),
+# as the SLURM tests use it. `eval $$(slurm/local_cluster.sh env)` points sbatch at it.
+.PHONY: slurm-up slurm-down
+slurm-up:
+	bash slurm/local_cluster.sh up
+
+slurm-down:
+	bash slurm/local_cluster.sh down

@@ -449,3 +449,57 @@ def test_crate_training_step_with_triton_kernel_matches_eager(variant):
         torch.testing.assert_close(
             grads_t[name], g, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}"
         )
+
+
+_AOT_COMPILE = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from wbscale.kernels import ista_triton as it
+
+fn = it._gemm_kernel
+launches = {  # every epilogue the Functions launch: (NUM_SEG, HAS_AUX, HAS_GATED, RELU, HAS_MASK, HAS_AMASK)
+    "z1": (1, 0, 0, 1, 0, 0), "z2": (1, 1, 0, 1, 0, 0), "g1": (1, 1, 0, 0, 1, 0),
+    "square dr": (1, 0, 0, 0, 0, 1), "square gx": (1, 1, 1, 0, 0, 0),
+    "overcomplete gW": (4, 0, 0, 0, 0, 0), "square gW": (2, 0, 0, 0, 0, 1),
+}
+names = ("NUM_SEG", "HAS_AUX", "HAS_GATED", "RELU", "HAS_MASK", "HAS_AMASK")
+for dtype in sys.argv[2:]:
+    for what, values in launches.items():
+        split = 2 if values[0] > 1 else 1
+        out = "fp32" if split > 1 else dtype
+        signature = {}
+        for n in fn.arg_names:
+            if n.endswith("_ptr"):
+                signature[n] = "*" + (out if n == "c_ptr" else dtype)
+            elif n in ("M", "N", "K") or n.startswith("stride"):
+                signature[n] = "i32"
+            elif n.startswith("scale") or n == "beta":
+                signature[n] = "fp32"
+            else:
+                signature[n] = "constexpr"
+        constants = {n: (v if n == "NUM_SEG" else bool(v)) for n, v in zip(names, values)}
+        constants.update(UPCAST=False, RNE_BF16=False, PRECISION="ieee", BLOCK_M=128, BLOCK_N=128,
+                         BLOCK_K=32, GROUP_M=8, SPLIT_K=split)
+        target = GPUTarget("cuda", int(sys.argv[1]), 32)
+        triton.compile(ASTSource(fn, signature, constants), target=target, options={"num_warps": 8, "num_stages": 3})
+        print("compiled", dtype, what, flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU the other tests compile the kernels for real")
+@pytest.mark.parametrize("arch", [90, 80])
+def test_kernels_compile_for_gpu_without_a_gpu(arch):
+    """The interpreter never compiles: ahead-of-time compile every launch for sm_80 / sm_90."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run(
+        [sys.executable, "-c", _AOT_COMPILE, str(arch), "bf16"],
+        env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
+        pytest.skip("no ptxas for ahead-of-time compilation")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("compiled") == 7

@@ -51,7 +51,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     from wbscale.data.prepare import prepare
 
     recipe = _recipe(args)
-    out = prepare(recipe.data, progress=sys.stderr.isatty())
+    out = prepare(recipe.data, progress=sys.stderr.isatty(), force=args.force)
     print(out)
     return 0
 
@@ -201,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="data preparation").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("prepare", help="tokenize the recipe's data source into shards + manifest")
     _add_recipe_args(p)
+    p.add_argument("--force", action="store_true", help="rebuild even if data.out_dir holds data of another config")
     p.set_defaults(func=cmd_data_prepare)
 
     p = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint")

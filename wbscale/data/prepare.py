@@ -819,8 +819,12 @@ def _bpe_training_text(cfg: DataConfig) -> Iterator[str]:
 
 
 def _changed_message(out: Path, old: dict[str, Any], new: dict[str, Any]) -> str:
+    def short(value: Any) -> str:
+        text = repr(value)
+        return text if len(text) <= 80 else text[:77] + "..."
+
     diffs = [
-        f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+        f"{key}: {short(old.get(key))} -> {short(new.get(key))}"
         for key in sorted(set(old) | set(new))
         if old.get(key) != new.get(key)
     ]

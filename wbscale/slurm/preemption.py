@@ -4,10 +4,12 @@ SLURM warns a job before it ends it: ``sbatch --signal=USR1@90`` sends SIGUSR1 9
 the time limit, and a cancel or a preemption sends SIGTERM (SIGKILL follows after KillWait
 or GraceTime). The handlers here only set a flag: nothing is safe inside a signal handler
 in the middle of a step (Lightning's own handlers save, or run a collective, right there).
-At the next optimizer-step boundary every rank takes part in one all-reduce (MAX) of the
-flag, because a signal can reach the ranks a step apart; so all ranks stop at the same step.
-They save a checkpoint with :class:`~wbscale.train.checkpoint.AtomicCheckpoint`, close the
-loggers (wandb included: SLURM signals every process of the job, its service too), and:
+At every optimizer-step boundary every rank takes part in one all-reduce (MAX) of the flag,
+because a signal can reach the ranks a step apart; so all ranks stop at the same step. They
+save a checkpoint there with :class:`~wbscale.train.checkpoint.AtomicCheckpoint`, let the
+step finish as it would anyway (its metrics logged, validation on a validation step), and
+before the next step starts close the loggers (wandb included: SLURM signals every process
+of the job, wandb's service too) and:
 
 - the requeue signal (``slurm.signal``, USR1 by default): rank 0 runs
   ``scontrol requeue <job>`` (``<array job>_<task>`` in an array) and every rank exits 0.
@@ -28,6 +30,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -84,6 +87,7 @@ class SlurmPreemption(L.Callback):
         self.requeue = requeue
         self._request = NONE
         self._received: list[str] = []
+        self._pending: tuple[int, Path] | None = None  # (request, checkpoint) saved, exit next
         # idle: outside fit, the signals act as they did before; armed: a flag for the next
         # step boundary; done: after the last step there is nothing left to save or requeue;
         # leaving: saved and on the way out (a requeue makes SLURM send SIGTERM right away)
@@ -125,16 +129,27 @@ class SlurmPreemption(L.Callback):
     # ------------------------------------------------------------------ hooks
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self._request, self._received = NONE, []
-            self._phase = "armed"
-            self._install()
+        if stage != "fit":
+            return
+        self._request, self._received, self._pending = NONE, [], None
+        self._phase = "armed"
+        self._install()
+        if in_slurm_job():  # one line per rank: where each rank runs, for multi-node troubleshooting
+            env = os.environ
+            print(
+                f"[wbscale] rank {trainer.global_rank}/{trainer.world_size} (local {trainer.local_rank}) on node "
+                f"{env.get('SLURMD_NODENAME', '?')} ({socket.gethostname()}), job {job_id_from_env()}, "
+                f"rendezvous {env.get('MASTER_ADDR', '?')}:{env.get('MASTER_PORT', '?')}",
+                file=sys.stderr, flush=True,
+            )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Lightning wraps SIGTERM with its own handler after setup; take it back.
         self._install()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._pending is not None:  # the loop stopped first (train.exit_interval): still requeue
+            self._leave(trainer)
         self._phase = "done"
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
@@ -147,14 +162,20 @@ class SlurmPreemption(L.Callback):
             self._restore()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
-        if (batch_idx + 1) % trainer.accumulate_grad_batches != 0:
+        if self._pending is not None or (batch_idx + 1) % trainer.accumulate_grad_batches != 0:
             return
         request = self._agreed_request(trainer)
         if request == NONE:
             return
         if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
             return  # the last step: the run completes normally (and saves) instead
-        self._stop(trainer, request)
+        self._pending = (request, self._save(trainer))
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        # The step that saved has now logged its metrics (and validated, on a validation
+        # step), exactly as in an uninterrupted run: leave before the next one starts.
+        if self._pending is not None:
+            self._leave(trainer)
 
     # ------------------------------------------------------------------ stopping
 
@@ -165,21 +186,28 @@ class SlurmPreemption(L.Callback):
         flag = torch.tensor([self._request], dtype=torch.int32, device=trainer.strategy.root_device)
         return int(trainer.strategy.reduce(flag, reduce_op="max").item())
 
-    def _stop(self, trainer: L.Trainer, request: int) -> None:
-        from wbscale.track.wandb_run import finish_wandb
+    def _save(self, trainer: L.Trainer) -> Path:
+        """A checkpoint of this step through AtomicCheckpoint (unless it has just saved one)."""
         from wbscale.train.checkpoint import AtomicCheckpoint, checkpoints_dir
 
-        step = trainer.global_step
-        self._phase = "leaving"
         saver = next((c for c in trainer.callbacks if isinstance(c, AtomicCheckpoint)), None)
         if saver is None:
             raise RuntimeError("SlurmPreemption needs an AtomicCheckpoint callback before it")
-        path = checkpoints_dir(saver.run_dir) / f"step-{step:08d}"
-        if saver.last_saved_step != step:
-            path = saver.save(trainer)
+        step = trainer.global_step
+        if saver.last_saved_step == step:
+            return checkpoints_dir(saver.run_dir) / f"step-{step:08d}"
+        return saver.save(trainer)
+
+    def _leave(self, trainer: L.Trainer) -> None:
+        """Close the loggers, requeue (rank 0), and exit every rank with rank 0's status."""
+        from wbscale.track.wandb_run import finish_wandb
+
+        self._phase = "leaving"
+        request, path = self._pending
+        step = trainer.global_step
         for logger in trainer.loggers:
             logger.save()
-            finish_wandb(logger)
+            finish_wandb(logger)  # before the requeue: SLURM then signals every process, wandb's too
         signame = "/".join(dict.fromkeys(self._received)) or "a signal on another rank"
         code = EXIT_TERMINATED
         if trainer.is_global_zero:
@@ -187,9 +215,8 @@ class SlurmPreemption(L.Callback):
                 code, outcome, detail = self._requeue()
             else:
                 outcome = "stopped"
-                detail = "SIGTERM: the job is being cancelled or preempted; not requeuing (SLURM requeues a preempted --requeue job)"
-            message = f"{signame} received: checkpoint saved at step {step} ({path}); {detail}; exiting with status {code}"
-            _say(message)
+                detail = "SIGTERM: the job is being cancelled or preempted, so not requeuing (SLURM requeues a preempted --requeue job)"
+            _say(f"{signame} received: checkpoint saved at step {step} ({path}); {detail}; exiting with status {code}")
             append_event(
                 self.record_dir, "preempt", job_id=job_id_from_env(), step=step, signal=signame, action=outcome,
                 exit_code=code, trained_run=str(self.run_dir),

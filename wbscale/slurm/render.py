@@ -92,16 +92,16 @@ def job_spec(
     workdir: Path | None = None,
 ) -> JobSpec:
     """Command-line choices win over the site file; the recipe gives nodes and tasks."""
-    workdir = (workdir or Path.cwd()).resolve()
-    run_dir = (workdir / recipe.run_dir).resolve()
-    for what, path in (("working directory", workdir), ("run folder", run_dir)):
-        if re.search(r"\s", str(path)):
-            raise UserError(f"the {what} {path} has whitespace in it, which #SBATCH lines cannot hold; use another folder")
     if not re.fullmatch(r"[A-Za-z0-9._+-]+", recipe.train.run_name):
         raise UserError(
             f"train.run_name {recipe.train.run_name!r}: on SLURM use letters, digits and . _ + - only "
             "(it names the job and its log files)"
         )
+    workdir = (workdir or Path.cwd()).resolve()
+    run_dir = (workdir / recipe.run_dir).resolve()
+    for what, path in (("working directory", workdir), ("run folder", run_dir)):
+        if re.search(r"\s", str(path)):
+            raise UserError(f"the {what} {path} has whitespace in it, which #SBATCH lines cannot hold; use another folder")
     dist = recipe.distributed
     if gpus_per_node is None:
         gpus_per_node = dist.devices if dist.accelerator == "gpu" else 0

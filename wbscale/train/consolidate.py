@@ -52,7 +52,8 @@ def full_state_dict(info: CheckpointInfo) -> dict[str, torch.Tensor]:
 def model_weights(info: CheckpointInfo) -> dict[str, torch.Tensor]:
     """The language model's weights (keys as in ``build_model(...).state_dict()``)."""
     state = full_state_dict(info)
-    return {k.removeprefix("model."): v.float() for k, v in state.items() if k.startswith("model.")}
+    # clone: DeepSpeed returns views into flat shard buffers, which safetensors refuses
+    return {k.removeprefix("model."): v.detach().float().clone() for k, v in state.items() if k.startswith("model.")}
 
 
 def consolidate(path: str | Path, out: str | Path, dtype: Literal["fp32", "bf16"] = "fp32") -> Path:

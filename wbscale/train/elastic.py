@@ -245,8 +245,21 @@ def _normalise_universal(out: Path) -> None:
     sd.setdefault("optimizer_state_dict", {"state": {0: {"step": step}}, "param_groups": groups})
     sd.setdefault("ds_version", deepspeed.__version__)
     torch.save(sd, opt_path)
-    for param_dir in zero.iterdir():
-        if param_dir.is_dir() and (param_dir / "exp_avg.pt").exists() and not (param_dir / "step.pt").exists():
+    # ZeRO-3 sources store flat tensors; ZeRO-1/2 loaders want {"param": full-shape tensor}.
+    shapes: dict[str, Any] = {}
+    for group in torch.load(source, map_location="cpu", weights_only=False).get("param_shapes") or []:
+        shapes.update(group)
+    for param_dir in (p for p in zero.iterdir() if p.is_dir()):
+        for file in param_dir.glob("*.pt"):
+            if file.name == "step.pt":
+                continue
+            value = torch.load(file, map_location="cpu", weights_only=False)
+            if isinstance(value, dict):
+                continue
+            shape = shapes.get(param_dir.name)
+            tensor = value.detach().reshape(shape) if shape is not None else value.detach()
+            torch.save({"param": tensor, "cat_dim": 0}, file)
+        if (param_dir / "exp_avg.pt").exists() and not (param_dir / "step.pt").exists():
             torch.save(torch.tensor(float(step)), param_dir / "step.pt")
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import os
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -279,6 +280,28 @@ class WBDeepSpeedStrategy(DeepSpeedStrategy):
             dist_init_required=False,
         )
         return engine, ds_optimizer
+
+    # ---- universal checkpoints
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        client_state = super().load_checkpoint(checkpoint_path, weights_only)
+        if self.load_universal:
+            self._restore_group_hyperparameters(Path(checkpoint_path))
+        return client_state
+
+    def _restore_group_hyperparameters(self, universal: Path) -> None:
+        """Give each AdamW group its own saved hyper-parameters back.
+
+        DeepSpeed's ZeRO-3 universal loader copies group 0's hyper-parameters into every
+        group, so the no-decay group (norms, biases, embeddings) would be decayed after a
+        resume; ZeRO-1/2's loader is right, and re-applying is harmless there.
+        """
+        path = universal / "checkpoint" / "zero" / "optimizer_state.pt"
+        saved = torch.load(path, map_location="cpu", weights_only=False).get("param_groups") or []
+        base = getattr(self.deepspeed_engine.optimizer, "optimizer", None)
+        if base is None or len(base.param_groups) != len(saved):
+            return
+        for live, group in zip(base.param_groups, saved, strict=True):
+            live.update({k: v for k, v in group.items() if k != "params"})
 
     # ---- accumulation: one scaling only
     def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
