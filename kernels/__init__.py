@@ -73,14 +73,22 @@ def ista(
     lam: float = 0.1,
     kernel: str = "auto",
     return_code: bool = False,
+    save_activations: bool = True,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Run one ISTA block; with ``return_code`` also return the sparse code z."""
+    """Run one ISTA block; with ``return_code`` also return the sparse code z.
+
+    ``save_activations`` (Triton only): keep the intermediate codes for backward, or
+    recompute them from x (eager autograd always keeps what it needs).
+    """
     if variant not in _REFERENCES:
         raise ValueError(f"unknown ISTA variant {variant!r}; choose one of {VARIANTS}")
     impl = resolve_kernel(kernel, x.device.type)
     if impl == "triton":
         from . import ista_triton
 
-        return ista_triton.ista_triton(x, weight, variant=variant, eta=eta, lam=lam, return_code=return_code)
+        return ista_triton.ista_triton(
+            x, weight, variant=variant, eta=eta, lam=lam, return_code=return_code,
+            save_activations=save_activations,
+        )
     fn = _compiled(variant) if impl == "compile" else _REFERENCES[variant]
     return fn(x, weight, eta, lam, return_code)

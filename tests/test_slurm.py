@@ -325,18 +325,18 @@ def test_two_node_job_runs_rank_0_on_node1_and_rank_1_on_node2(cluster, in_root,
 
 @pytest.mark.slow
 def test_preemption_requeues_and_resumes_with_the_losses_of_an_uninterrupted_run(cluster, in_root, capsys):
-    max_steps = 14
+    max_steps = 24  # room for the signal to land mid-run even when steps take milliseconds
     extra = {"train.max_steps": max_steps, "train.ckpt_every": 100}  # only the preemption saves mid-run
     reference_job = submit(capsys, sets(job_overrides(in_root, "uninterrupted", **extra)))
     job = submit(capsys, sets(job_overrides(in_root, "preempted", **extra)))
     run_dir = in_root / "runs" / "preempted"
-    wait_for_step(run_dir, 3)
+    wait_for_step(run_dir, 2)
     cluster.signal(job, "USR1")  # what --signal=USR1@90 sends before a time limit
     cluster.wait(job, {"PENDING"}, 90)  # saved, requeued itself
     first_stop = [e for e in read_events(run_dir) if e["event"] == "preempt"]
     assert len(first_stop) == 1 and first_stop[0]["action"] == "requeued", (first_stop, job_log(run_dir)[-3000:])
     stop_step = first_stop[0]["step"]
-    assert 3 <= stop_step < max_steps
+    assert 2 <= stop_step < max_steps
     assert latest_checkpoint(run_dir).step == stop_step
     info = cluster.wait(job, {"COMPLETED"}, JOB_TIMEOUT, release_requeued=True)
     cluster.wait(reference_job, {"COMPLETED"}, JOB_TIMEOUT)
@@ -358,9 +358,9 @@ def test_preemption_requeues_and_resumes_with_the_losses_of_an_uninterrupted_run
 
 @pytest.mark.slow
 def test_requeue_inside_a_job_array(cluster, in_root, capsys):
-    array_job = submit(capsys, sets(job_overrides(in_root, "sweep", **{"train.max_steps": 12})), "--array", "0-1")
+    array_job = submit(capsys, sets(job_overrides(in_root, "sweep", **{"train.max_steps": 20})), "--array", "0-1")
     task_run = in_root / "runs" / "sweep-1"
-    wait_for_step(task_run, 3)
+    wait_for_step(task_run, 2)
     cluster.signal(f"{array_job}_1", "USR1")
     cluster.wait(f"{array_job}_1", {"PENDING"}, 90)
     stop = [e for e in read_events(in_root / "runs" / "sweep") if e["event"] == "preempt"]
@@ -369,11 +369,11 @@ def test_requeue_inside_a_job_array(cluster, in_root, capsys):
     cluster.wait(f"{array_job}_0", {"COMPLETED"}, JOB_TIMEOUT)
     for task in (0, 1):
         run = in_root / "runs" / f"sweep-{task}"
-        assert latest_checkpoint(run).step == 12, job_log(in_root / "runs" / "sweep", "job-*.err")[-3000:]
+        assert latest_checkpoint(run).step == 20, job_log(in_root / "runs" / "sweep", "job-*.err")[-3000:]
         assert load_recipe(str(run / "recipe.yaml")).train.seed == 1337 + task
     assert main(["slurm", "status", "sweep", "--runs-dir", str(in_root / "runs"), "--json"]) == 0
     rows = {r["job_id"]: r for r in json.loads(capsys.readouterr().out)[0]["jobs"]}
-    assert rows[f"{array_job}_1"]["requeues"] == 1 and rows[f"{array_job}_1"]["last_step"] == 12, rows
+    assert rows[f"{array_job}_1"]["requeues"] == 1 and rows[f"{array_job}_1"]["last_step"] == 20, rows
     assert rows[f"{array_job}_0"]["requeues"] == 0, rows
 
 

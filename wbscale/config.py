@@ -39,6 +39,9 @@ class ModelConfig:
     ista_eta: float = 0.1
     ista_lambda: float = 0.1
     ista_kernel: Literal["auto", "triton", "eager", "compile"] = "auto"
+    # Triton kernel only: keep (z1, u, z2) for backward (fast) or recompute them from x
+    # (+3 GEMMs, saves ~3 T x m activations per layer).
+    ista_save_activations: bool = True
     # GPT-2 baseline: a hub id or local folder with HF GPT-2 safetensors to start from
     pretrained: str | None = None
 

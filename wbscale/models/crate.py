@@ -70,6 +70,7 @@ class ISTA(nn.Module):
         self.eta = config.ista_eta
         self.lam = config.ista_lambda
         self.kernel = config.ista_kernel
+        self.save_activations = config.ista_save_activations
         self.weight = nn.Parameter(torch.empty(m, d))
         # The published CRATE code's init; the GPT-2 N(0, 0.02) init is not applied here.
         nn.init.kaiming_uniform_(self.weight)
@@ -84,6 +85,7 @@ class ISTA(nn.Module):
             lam=self.lam,
             kernel=self.kernel,
             return_code=return_code,
+            save_activations=self.save_activations,
         )
 
 

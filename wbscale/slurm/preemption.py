@@ -208,6 +208,8 @@ class SlurmPreemption(L.Callback):
         for logger in trainer.loggers:
             logger.save()
             finish_wandb(logger)  # before the requeue: SLURM then signals every process, wandb's too
+        if "wandb" in sys.modules:  # and stop wandb's service now, not at exit when it may be gone
+            sys.modules["wandb"].teardown()
         signame = "/".join(dict.fromkeys(self._received)) or "a signal on another rank"
         code = EXIT_TERMINATED
         if trainer.is_global_zero:

@@ -107,7 +107,7 @@ def check_compatible(recipe: Recipe, ckpt: CheckpointInfo, tokenizer_sha: str) -
     """Refuse a checkpoint of another model shape or tokenizer, naming what differs."""
     saved = recipe_from_dict(ckpt.meta["recipe"])
     mine, theirs = dataclasses.asdict(recipe.model), dataclasses.asdict(saved.model)
-    runtime_only = {"ista_kernel", "dropout"}  # may change between runs without changing the weights
+    runtime_only = {"ista_kernel", "ista_save_activations", "dropout"}  # may change between runs without changing the weights
     diffs = [
         f"model.{k}: checkpoint {theirs[k]!r} vs recipe {mine[k]!r}"
         for k in mine

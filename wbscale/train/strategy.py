@@ -302,6 +302,8 @@ class WBDeepSpeedStrategy(DeepSpeedStrategy):
             return
         for live, group in zip(base.param_groups, saved, strict=True):
             live.update({k: v for k, v in group.items() if k != "params"})
+        if os.environ.get("WBDEBUG"):
+            print("DEBUG groups", [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups], flush=True)
 
     # ---- accumulation: one scaling only
     def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
