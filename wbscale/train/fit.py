@@ -10,8 +10,10 @@ wires loggers and callbacks, and writes the run folder::
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,8 +194,18 @@ def build_loggers(recipe: Recipe, run_dir: Path, ckpt: CheckpointInfo | None) ->
     return loggers
 
 
+def quiet_lightning() -> None:
+    """Keep Lightning's banner lines (GPU/TPU available, tips) and a known upstream
+    deprecation warning out of the run's output; warnings and errors still show."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda",
+                 "lightning.pytorch.trainer.connectors.checkpoint_connector"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
 def fit(recipe: Recipe, resume: str = "auto", progress: bool | None = None) -> FitResult:
     """Train (or resume) the run a recipe describes; returns where it ended."""
+    quiet_lightning()
     if progress is None:
         progress = sys.stderr.isatty()
     run_dir = recipe.run_dir

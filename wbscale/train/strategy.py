@@ -304,6 +304,8 @@ class WBDeepSpeedStrategy(DeepSpeedStrategy):
             live.update({k: v for k, v in group.items() if k != "params"})
         if os.environ.get("WBDEBUG"):
             print("DEBUG groups", [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups], flush=True)
+            for p_, st in base.state.items():
+                print("DEBUG state", p_.shape, {k: (float(v.norm()) if v.dim() else float(v)) for k, v in st.items()}, float(p_.norm()))
 
     # ---- accumulation: one scaling only
     def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
