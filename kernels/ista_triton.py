@@ -61,8 +61,6 @@ from .reference import ista_overcomplete_reference, ista_square_reference
 __all__ = [
     "force_config",
     "forward_codes",
-    "ista_overcomplete_triton",
-    "ista_square_triton",
     "ista_triton",
 ]
 
@@ -700,43 +698,3 @@ def ista_triton(
             )
             z = y
     return (y, z) if return_code else y
-
-
-def ista_overcomplete_triton(
-    x: Tensor,
-    weight: Tensor,
-    eta: float = 0.1,
-    lam: float = 0.1,
-    return_code: bool = False,
-    save_activations: bool = True,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """Two-step over-complete ISTA block (CRATE LM), fused; see :func:`ista_triton`."""
-    return ista_triton(
-        x,
-        weight,
-        variant="overcomplete",
-        eta=eta,
-        lam=lam,
-        return_code=return_code,
-        save_activations=save_activations,
-    )
-
-
-def ista_square_triton(
-    x: Tensor,
-    weight: Tensor,
-    eta: float = 0.1,
-    lam: float = 0.1,
-    return_code: bool = False,
-    save_activations: bool = True,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """One-step square-dictionary ISTA block (original CRATE), fused; see :func:`ista_triton`."""
-    return ista_triton(
-        x,
-        weight,
-        variant="square",
-        eta=eta,
-        lam=lam,
-        return_code=return_code,
-        save_activations=save_activations,
-    )

@@ -111,7 +111,13 @@ NodeName=node1 NodeHostname=$host NodeAddr=127.0.0.1 Port=$((PORT + 1)) CPUs=$cp
 NodeName=node2 NodeHostname=$host NodeAddr=127.0.0.1 Port=$((PORT + 2)) CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=node1,node2 Default=YES MaxTime=INFINITE State=UP
 EOF
-    if [[ -f $CONF ]] && cmp -s "$tmp" "$CONF"; then rm -f "$tmp"; else mv "$tmp" "$CONF"; fi
+    if [[ -f $CONF ]] && cmp -s "$tmp" "$CONF"; then
+        rm -f "$tmp"
+    else
+        mv "$tmp" "$CONF"
+        # daemons already running read the new file (restarted ones read it anyway)
+        if alive "$STATE/run/slurmctld.pid"; then scontrol reconfigure >/dev/null 2>&1 || true; fi
+    fi
 }
 
 nodes_idle() {

@@ -101,3 +101,24 @@ class LocalCluster:
 
     def cancel(self, job_id: str) -> None:
         self._cmd("scancel", job_id, check=False)
+
+    @staticmethod
+    def task_pid(job_id: str, rank: int) -> int:
+        """The pid of one training process (``SLURM_PROCID`` = rank) of a job on this host."""
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+                environ = dict(
+                    item.split(b"=", 1) for item in (proc / "environ").read_bytes().split(b"\0") if b"=" in item
+                )
+            except OSError:
+                continue
+            if (
+                b"wbscale.cli" in cmdline
+                and environ.get(b"SLURM_JOB_ID") == job_id.encode()
+                and environ.get(b"SLURM_PROCID") == str(rank).encode()
+            ):
+                return int(proc.name)
+        raise AssertionError(f"no training process of rank {rank} for job {job_id} on this host")

@@ -289,6 +289,9 @@ def test_bad_partition_shows_slurms_error_and_leaves_nothing(cluster, in_root, c
 def test_single_node_job_trains_to_completion(cluster, in_root, capsys):
     job = submit(capsys, sets(job_overrides(in_root, "single")))
     run_dir = in_root / "runs" / "single"
+    # while it is queued or running, a second job for the same run folder is refused
+    assert main(["slurm", "submit", "demo", *sets(job_overrides(in_root, "single"))]) == 2
+    assert f"already has a job in the queue: {job}" in capsys.readouterr().err
     info = cluster.wait(job, {"COMPLETED"}, JOB_TIMEOUT)
     assert info["ExitCode"] == "0:0", job_log(run_dir)
     assert [c.step for c in list_checkpoints(run_dir)] == [4, 8]
@@ -298,7 +301,7 @@ def test_single_node_job_trains_to_completion(cluster, in_root, capsys):
     assert env["versions"]["torch"] and "git_commit" in env and env["slurm"]["SLURM_JOB_ID"] == job
     events = read_events(run_dir)
     assert [e["event"] for e in events] == ["submit", "start"] and events[0]["job_id"] == job
-    # a second submit of a finished run is fine; `status` reports the job and the checkpoint
+    # `status` reports the job, its requeues and the run's last checkpoint
     assert main(["slurm", "status", str(run_dir), "--json"]) == 0
     (report,) = json.loads(capsys.readouterr().out)
     (row,) = report["jobs"]
@@ -308,19 +311,32 @@ def test_single_node_job_trains_to_completion(cluster, in_root, capsys):
 
 
 @pytest.mark.slow
-def test_two_node_job_runs_rank_0_on_node1_and_rank_1_on_node2(cluster, in_root, capsys):
-    overrides = job_overrides(in_root, "twonode", **{"distributed.strategy": "ddp"})
+def test_two_node_zero2_job_stops_all_ranks_together_when_one_rank_is_signalled(cluster, in_root, capsys):
+    """One CPU task on node1 and one on node2 (gloo, ZeRO-2). Only rank 1 gets USR1: both
+    ranks still stop after the same step, rank 0 requeues, and the job finishes."""
+    max_steps = 16
+    overrides = job_overrides(
+        in_root, "twonode",
+        **{"distributed.strategy": "deepspeed", "distributed.zero_stage": 2, "train.max_steps": max_steps},
+    )
     job = submit(capsys, sets(overrides), "--nodes", "2")
     run_dir = in_root / "runs" / "twonode"
-    info = cluster.wait(job, {"COMPLETED", "FAILED", "CANCELLED"}, JOB_TIMEOUT)
+    wait_for_step(run_dir, 2)
+    os.kill(cluster.task_pid(job, rank=1), signal.SIGUSR1)
+    cluster.wait(job, {"PENDING"}, 120)
+    (stop,) = [e for e in read_events(run_dir) if e["event"] == "preempt"]
+    assert stop["action"] == "requeued" and stop["signal"] == "a signal on another rank", stop
+    saved = latest_checkpoint(run_dir)
+    assert saved.step == stop["step"] and saved.meta["world_size"] == 2 and "DeepSpeed" in saved.meta["strategy"]
+    info = cluster.wait(job, {"COMPLETED"}, JOB_TIMEOUT, release_requeued=True)
     log = job_log(run_dir)
-    assert info["JobState"] == "COMPLETED", log[-4000:]
-    assert info["NodeList"] == "node[1-2]"
-    assert "[wbscale] rank 0/2 (local 0) on node node1" in log, log[-4000:]
-    assert "[wbscale] rank 1/2 (local 0) on node node2" in log, log[-4000:]
+    assert info["NodeList"] == "node[1-2]" and info["Restarts"] == "1", info
+    for rank, node in ((0, "node1"), (1, "node2")):
+        assert log.count(f"[wbscale] rank {rank}/2 (local 0) on node {node}") == 2, log[-4000:]
+    assert f"resuming 'twonode' from step {stop['step']}" in log
     last = latest_checkpoint(run_dir)
-    assert last.step == 8 and last.meta["world_size"] == 2
-    assert last.meta["samples"] == 8 * 4 * 2 * 2  # steps x micro batch x grad accum x world
+    assert last.step == max_steps and last.meta["world_size"] == 2
+    assert last.meta["samples"] == max_steps * 4 * 2 * 2  # steps x micro batch x grad accum x world
 
 
 @pytest.mark.slow

@@ -33,7 +33,7 @@ def _recipe(args: argparse.Namespace):
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from wbscale.train.fit import fit, recipe_for_resume
+    from wbscale.train.fit import fit, recipe_for_resume, say
 
     if args.config or args.recipe:
         recipe = _recipe(args)
@@ -43,7 +43,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise UserError("fit needs --config PATH or --recipe NAME (or --resume CHECKPOINT to continue a run)")
     result = fit(recipe, resume=args.resume, progress=False if args.no_progress else None)
     if not result.already_complete:
-        print(f"[wbscale] finished at step {result.step}; run folder: {result.run_dir}", file=sys.stderr)
+        say(f"finished at step {result.step}; run folder: {result.run_dir}")  # rank 0 only
     return 0
 
 
@@ -110,24 +110,64 @@ def cmd_ckpt_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ckpt_consolidate(args: argparse.Namespace) -> int:
+    from wbscale.train.consolidate import consolidate
+
+    print(consolidate(Path(args.path), Path(args.out), dtype=args.dtype))
+    return 0
+
+
+def cmd_recipes_check(args: argparse.Namespace) -> int:
+    from wbscale.config import load_recipe
+    from wbscale.train.memory import check_recipe, format_report
+
+    report = check_recipe(load_recipe(args.name, args.overrides), nodes=args.nodes, devices=args.devices, gpu=args.gpu)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0 if report["configured_fits"] or not args.strict else 1
+
+
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    from wbscale.bench.train import bench_train, format_report
+    from wbscale.config import load_recipe
+
+    overrides = list(args.overrides)
+    if args.devices is not None:
+        overrides.append(f"distributed.devices={args.devices}")
+    report = bench_train(load_recipe(args.name, overrides), steps=args.steps, warmup=args.warmup, out_dir=Path(args.out))
+    if report is not None:  # rank 0
+        print(format_report(report))
+        print(report["path"])
+    return 0
+
+
 def cmd_bench_kernels(args: argparse.Namespace) -> int:
     from wbscale.bench.kernels import main as bench_main
 
     return bench_main(args.rest)
 
 
-def cmd_recipes_list(args: argparse.Namespace) -> int:
-    from wbscale.config import RECIPES_DIR, load_recipe
+def cmd_bimt_plot(args: argparse.Namespace) -> int:
+    from wbscale.bimt.plots import plot_checkpoint
 
-    rows = []
-    for path in sorted(RECIPES_DIR.glob("*.yaml")):
-        r = load_recipe(str(path))
-        m = r.model
-        rows.append((path.stem, m.arch, f"{m.n_layer}L-{m.n_embd}d-{m.n_head}h", r.data.source, str(r.train.max_steps)))
-    header = ("name", "arch", "shape", "data", "steps")
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+    out = args.out or str(Path(args.ckpt).resolve().with_name(Path(args.ckpt).name + "-connectivity.png"))
+    print(json.dumps(plot_checkpoint(args.ckpt, out, top=args.top), indent=2))
+    return 0
+
+
+def cmd_bimt_toy(args: argparse.Namespace) -> int:
+    from wbscale.bimt.toy import run_toy
+    from wbscale.config import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    print(json.dumps(run_toy(recipe.bimt, out_dir=args.out), indent=2))
+    return 0
+
+
+def cmd_recipes_list(args: argparse.Namespace) -> int:
+    from wbscale.sweep.facts import format_catalog, recipe_catalog
+
+    rows = recipe_catalog()
+    print(json.dumps(rows, indent=2) if args.json else format_catalog(rows))
     return 0
 
 
@@ -181,6 +221,87 @@ def cmd_slurm_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_interpret_collect(args: argparse.Namespace) -> int:
+    from wbscale.interpret.collect import collect
+
+    manifest = collect(
+        args.ckpt, args.out, data_dir=args.data, layers=args.layers, tokens=args.tokens, top_k=args.top_k,
+        context=args.context, split=args.split, batch_size=args.batch_size, units=args.units,
+        device=args.device, save_every=args.save_every, force=args.force,
+    )
+    print(args.out if manifest.get("status") == "complete" else json.dumps(manifest))
+    return 0
+
+
+def cmd_interpret_report(args: argparse.Namespace) -> int:
+    from wbscale.interpret.report import write_report
+
+    print(write_report(args.dir, args.out, contexts=args.contexts, before=args.context, after=args.after))
+    return 0
+
+
+def cmd_interpret_compare(args: argparse.Namespace) -> int:
+    from wbscale.interpret.compare import compare
+
+    result = compare(args.a, args.b, args.out)
+    print(result["markdown"], end="")
+    print(f"wbscale: wrote {', '.join(result['files'])}", file=sys.stderr)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    if args.recipe == "report":
+        return _sweep_report(args)
+    if args.dir is not None:
+        raise UserError(f"sweep: unexpected argument {args.dir!r} (only `wbscale sweep report DIR` takes a folder)")
+    from wbscale.sweep.grid import SlurmOptions, SweepSpec, parse_grid, run_sweep
+
+    fixed, axes = parse_grid(args.overrides, args.arch)
+    spec = SweepSpec(args.recipe, fixed, axes, name=args.name, out=args.out)
+    slurm = None
+    if args.slurm:
+        slurm = SlurmOptions(
+            nodes=args.nodes, gpus_per_node=args.gpus_per_node, partition=args.partition, account=args.account,
+            time=args.time, qos=args.qos, constraint=args.constraint, site_path=args.site,
+        )
+    result = run_sweep(spec, slurm=slurm, dry_run=args.dry_run, progress=False if args.no_progress else None)
+    if args.dry_run:
+        if result.scripts:
+            print("\n".join(result.scripts), end="")
+        else:
+            for point in result.points:
+                print(f"{point['name']}: {' '.join(point['overrides'])}")
+        return 0
+    for point in result.points:
+        extra = f"job {point['job_id']}" if point.get("job_id") else (
+            f"val loss {point['val_loss']:.4f}" if point.get("val_loss") is not None else point.get("error", ""))
+        print(f"{point['name']}: {point['status']}" + (f" ({extra})" if extra else ""))
+    print(f"wbscale: sweep folder {result.out_dir}; plot it with: wbscale sweep report {result.out_dir}", file=sys.stderr)
+    if result.failed:
+        print(f"wbscale: {len(result.failed)} of {len(result.points)} points failed: {', '.join(result.failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _sweep_report(args: argparse.Namespace) -> int:
+    from wbscale.sweep.report import sweep_report
+
+    if args.dir is None:
+        raise UserError("usage: wbscale sweep report DIR [--out FOLDER] (DIR: a sweep folder, e.g. runs/sweeps/<name>)")
+    report = sweep_report(args.dir, args.out)
+    for path in report["files"]:
+        print(path)
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from wbscale.doctor import checks_json, exit_code, format_checks, run_checks
+
+    checks = run_checks(args.runs_dir)
+    print(checks_json(checks) if args.json else format_checks(checks))
+    return exit_code(checks)
+
+
 # ---------------------------------------------------------------------------- parser
 
 
@@ -232,6 +353,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_metrics)
 
+    interpret = sub.add_parser(
+        "interpret", help="white-box inspection: top contexts and token readout of every ISTA atom / MLP neuron"
+    ).add_subparsers(dest="interpret_command", required=True)
+    p = interpret.add_parser("collect", help="stream held-out tokens; keep each unit's top-k contexts, frequency, readout")
+    p.add_argument("--ckpt", required=True, help="checkpoint folder, run folder, or export folder")
+    p.add_argument("--data", help="prepared data folder (default: the one the checkpoint was trained on)")
+    p.add_argument("--out", required=True, help="output folder (re-running the same command resumes into it)")
+    p.add_argument("--layers", help="comma-separated layers, e.g. 0,5,11 (default: all)")
+    p.add_argument("--tokens", type=int, default=1_000_000, help="tokens to stream (default 1,000,000; capped by the split)")
+    p.add_argument("--top-k", type=int, default=20, help="contexts kept per unit (default 20)")
+    p.add_argument("--context", type=int, default=16, help="tokens stored each side of an activating token (default 16)")
+    p.add_argument("--split", default="val", choices=["val", "train"], help="data split (default: val, held out)")
+    p.add_argument("--units", default="auto", choices=["auto", "ista", "mlp"],
+                   help="ista: CRATE dictionary atoms; mlp: GPT-2 MLP neurons; auto: by model")
+    p.add_argument("--batch-size", type=int, default=8, help="windows of block_size tokens per forward pass")
+    p.add_argument("--save-every", type=int, default=64, help="batches between state saves (resume points)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--force", action="store_true", help="start over even if --out holds a (partial) collection")
+    p.set_defaults(func=cmd_interpret_collect)
+    p = interpret.add_parser("report", help="write one self-contained static HTML page of a collection")
+    p.add_argument("dir", help="a folder written by `wbscale interpret collect`")
+    p.add_argument("--out", help="HTML file to write (default: DIR/report.html)")
+    p.add_argument("--contexts", type=int, default=8, help="top contexts shown per unit (default 8)")
+    p.add_argument("--context", type=int, default=10, help="tokens shown left of the activating token (default 10)")
+    p.add_argument("--after", type=int, default=4, help="tokens shown right of it (default 4)")
+    p.set_defaults(func=cmd_interpret_report)
+    p = interpret.add_parser("compare", help="two collections side by side (e.g. CRATE vs GPT-2): table + PNG")
+    p.add_argument("a", metavar="A", help="collection folder")
+    p.add_argument("b", metavar="B", help="collection folder")
+    p.add_argument("--out", help="output folder (default: compare-A-vs-B next to A)")
+    p.set_defaults(func=cmd_interpret_compare)
+
     ckpt = sub.add_parser("ckpt", help="checkpoint tools").add_subparsers(dest="ckpt_command", required=True)
     p = ckpt.add_parser("import", help="import a published checkpoint into an export folder")
     p.add_argument("--format", required=True, choices=["crate-lm"], help="crate-lm: the published CRATE LM .pt")
@@ -242,21 +395,86 @@ def build_parser() -> argparse.ArgumentParser:
     p = ckpt.add_parser("inspect", help="step, topology, size and integrity of a checkpoint")
     p.add_argument("path", help="checkpoint folder or run folder")
     p.set_defaults(func=cmd_ckpt_inspect)
+    p = ckpt.add_parser("consolidate", help="any checkpoint (DDP, ZeRO-1/2/3) -> one export folder for eval/generate")
+    p.add_argument("path", help="checkpoint folder or run folder")
+    p.add_argument("--out", required=True, help="export folder to write (model.safetensors, recipe.yaml, tokenizer.json)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.set_defaults(func=cmd_ckpt_consolidate)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     p = bench.add_parser("kernels", help="time the ISTA kernels (see `wbscale bench kernels -h`)", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench_kernels)
+    p = bench.add_parser("train", help="training throughput of a recipe (tokens/s, step time, memory, MFU)")
+    p.add_argument("name", help="recipe name or YAML path")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps to run (default 20)")
+    p.add_argument("--warmup", type=int, default=2, help="first steps not timed (default 2)")
+    p.add_argument("--devices", type=int, help="processes/GPUs per node (sets distributed.devices)")
+    p.add_argument("--out", default="bench/results", help="results folder (default bench/results)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_bench_train)
+
+    bimt = sub.add_parser("bimt", help="brain-inspired modular training: plots, toy").add_subparsers(
+        dest="bimt_command", required=True
+    )
+    p = bimt.add_parser("plot", help="connectivity plot (PNG) + modularity metrics of a checkpoint")
+    p.add_argument("--ckpt", required=True, help="checkpoint folder, run folder, or export folder (e.g. runs/<run>/bimt-pruned)")
+    p.add_argument("--out", help="PNG to write (default: <ckpt>-connectivity.png next to it)")
+    p.add_argument("--top", type=int, default=200, help="strongest connections drawn per layer (default 200)")
+    p.set_defaults(func=cmd_bimt_plot)
+    p = bimt.add_parser("toy", help="BIMT vs plain training of a small MLP (recipes/bimt-toy-*.yaml), CPU")
+    p.add_argument("recipe", metavar="RECIPE", help="recipe YAML file or name under recipes/")
+    p.add_argument("--out", help="output folder (default: the recipe's bimt.toy.out_dir)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_bimt_toy)
 
     recipes = sub.add_parser("recipes", help="the recipes shipped under recipes/").add_subparsers(
         dest="recipes_command", required=True
     )
-    p = recipes.add_parser("list", help="table of recipes")
+    p = recipes.add_parser("list", help="table of recipes: model, parameters, tokens, data, target val loss")
+    p.add_argument("--json", action="store_true", help="print the table as JSON (with each target's source)")
     p.set_defaults(func=cmd_recipes_list)
     p = recipes.add_parser("show", help="print a recipe fully resolved")
     p.add_argument("name")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_recipes_show)
+    p = recipes.add_parser("check", help="parameters, FLOPs/token and per-GPU memory per ZeRO stage: does it fit?")
+    p.add_argument("name", help="recipe name or YAML path")
+    p.add_argument("--nodes", type=int, help="nodes (default: distributed.nodes)")
+    p.add_argument("--devices", type=int, help="GPUs per node (default: distributed.devices)")
+    p.add_argument("--gpu", default="h100-80gb", help="h100-80gb (default), a100-80gb, a100-40gb, h200-141gb, l40s-48gb, …")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--strict", action="store_true", help="exit 1 when the recipe's configuration does not fit")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_recipes_check)
+
+    p = sub.add_parser(
+        "sweep", help="train a grid of recipe overrides (CRATE vs GPT-2 scaling); `wbscale sweep report DIR` plots it",
+        description="wbscale sweep RECIPE --set model.n_layer=2,4 --set model.n_embd=64,128 --arch crate,gpt2 "
+        "trains every combination, one run each, in runs/sweeps/<name>/. "
+        "wbscale sweep report DIR writes scaling.png, scaling.md and scaling.json for a sweep folder.",
+    )
+    p.add_argument("recipe", metavar="RECIPE|report", help="recipe YAML file or name under recipes/; or `report`")
+    p.add_argument("dir", nargs="?", metavar="DIR", help="with `report`: the sweep folder")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=V1,V2,…",
+        help="an axis of the grid (two or more comma-separated values) or a value for every point (repeatable)",
+    )
+    p.add_argument("--arch", metavar="A,B", help="shorthand for --set model.arch=A,B (e.g. crate,gpt2)")
+    p.add_argument("--name", help="sweep name (default: the recipe's name); runs go to <runs_dir>/sweeps/<name>/")
+    p.add_argument("--out", metavar="FOLDER", help="sweep folder (default runs/sweeps/<name>); with `report`: where the report goes (default DIR)")
+    p.add_argument("--dry-run", action="store_true", help="list the points (with --slurm: print the job scripts); run nothing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--slurm", action="store_true", help="submit one SLURM job per point instead of training here")
+    for flag, kind in (("--nodes", int), ("--gpus-per-node", int), ("--partition", str), ("--account", str),
+                       ("--time", str), ("--qos", str), ("--constraint", str), ("--site", str)):
+        p.add_argument(flag, type=kind, help="with --slurm: as for `wbscale slurm submit`")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("doctor", help="check this machine: torch/CUDA/GPUs, bf16, NCCL, Triton, DeepSpeed, SLURM, wandb, disk")
+    p.add_argument("--runs-dir", default="runs", help="the runs folder whose disk space is checked (default runs)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_doctor)
 
     slurm = sub.add_parser("slurm", help="run on a SLURM cluster: submit, status, cancel").add_subparsers(
         dest="slurm_command", required=True

@@ -161,6 +161,67 @@ class SlurmConfig:
 
 
 @dataclass
+class BIMTPhase:
+    """From ``start`` (a fraction of ``train.max_steps``) on, the connection cost is weighted by ``lam``."""
+
+    start: float = 0.0
+    lam: float = 1e-3
+
+
+@dataclass
+class BIMTToyConfig:
+    """``wbscale bimt toy``: a small MLP on a task of the BIMT paper, plain PyTorch loop, CPU."""
+
+    task: Literal["two-moons", "independence"] = "two-moons"
+    hidden: list[int] = field(default_factory=lambda: [20, 20])
+    steps: int = 10000
+    lr: float = 2e-3
+    train_samples: int = 200
+    test_samples: int = 1000
+    noise: float = 0.1  # two-moons: std of the Gaussian noise on the points
+    float64: bool = True
+    seed: int = 0
+    baseline: bool = True  # also train the same MLP plainly (no cost, no swaps) to compare
+    out_dir: str = "runs/bimt-toy"
+
+
+@dataclass
+class BIMTConfig:
+    """Brain-inspired modular training (Liu, Gan & Tegmark 2023) as a fine-tuning callback.
+
+    Neurons sit on [0, 1] at (i + 0.5) / n; the connection cost of the selected linear maps
+    is ``sum |w| (locality * |x_i - x_j| + layer_distance)``; every ``swap_every`` steps the
+    ``swap_top_k`` heaviest units of each swappable layer move to the place that lowers it
+    most (DESIGN.md, BIMT; docs/bimt.md).
+    """
+
+    enabled: bool = False
+    locality: float = 1.0  # A: weight of the horizontal distance; 0 = plain L1
+    layer_distance: float = 0.1  # l0: distance between consecutive layers
+    # sum: lam is a per-weight strength (like weight decay, independent of model size);
+    # mean: the cost is divided by the number of weights in it
+    reduction: Literal["sum", "mean"] = "sum"
+    lambda_phases: list[BIMTPhase] = field(default_factory=lambda: [BIMTPhase(0.0, 1e-3)])
+    bias_penalty: bool = False  # also penalise |b| * layer_distance for the maps' biases
+    # linear maps in the cost: hidden = GPT-2 MLP c_fc/c_proj or the CRATE ISTA dictionary;
+    # attention = c_attn/c_proj; embeddings = the token embedding (= tied LM head)
+    maps: list[Literal["hidden", "attention", "embeddings"]] = field(default_factory=lambda: ["hidden", "attention"])
+    # units that swap places: hidden = MLP neurons / ISTA atoms, heads = attention heads as
+    # blocks, residual = residual-stream dimensions jointly across all layers
+    units: list[Literal["hidden", "heads", "residual"]] = field(default_factory=lambda: ["hidden", "heads", "residual"])
+    swap_every: int = 200  # optimizer steps between swap rounds; 0: no swaps
+    swap_top_k: int = 32
+    prune_threshold: float = 1e-2  # end of training: |w| below this is set to 0 (export only)
+    mass_radius: float = 0.1  # metric: fraction of |w| on connections no longer than this
+    metrics_every: int = 0  # 0: every train.log_every steps
+    export_pruned: bool = True  # write runs/<run>/bimt-pruned/ (inference folder) at the end
+    # start from these weights (inference folder, training checkpoint or run folder) unless
+    # resuming; how a CRATE checkpoint is fine-tuned (model.pretrained is GPT-2 only)
+    init_from: str | None = None
+    toy: BIMTToyConfig = field(default_factory=BIMTToyConfig)
+
+
+@dataclass
 class Recipe:
     """A complete run description."""
 
@@ -171,6 +232,7 @@ class Recipe:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    bimt: BIMTConfig = field(default_factory=BIMTConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -412,3 +474,30 @@ def validate(r: Recipe) -> None:
     _check(r.slurm.grace_seconds >= 1, f"slurm.grace_seconds must be >= 1 (got {r.slurm.grace_seconds})")
     if m.pretrained is not None:
         _check(m.arch == "gpt2", "model.pretrained is only supported for model.arch: gpt2")
+    _validate_bimt(r)
+
+
+def _validate_bimt(r: Recipe) -> None:
+    b = r.bimt
+    _check(b.locality >= 0, f"bimt.locality must be >= 0 (got {b.locality})")
+    _check(b.layer_distance >= 0, f"bimt.layer_distance must be >= 0 (got {b.layer_distance})")
+    _check(len(b.lambda_phases) >= 1, "bimt.lambda_phases needs at least one phase, e.g. [{start: 0, lam: 1e-3}]")
+    starts = [p.start for p in b.lambda_phases]
+    _check(all(0 <= s <= 1 for s in starts), f"bimt.lambda_phases: start is a fraction of train.max_steps in [0, 1] (got {starts})")
+    _check(starts == sorted(starts), f"bimt.lambda_phases must be in increasing start order (got {starts})")
+    _check(all(p.lam >= 0 for p in b.lambda_phases), "bimt.lambda_phases: lam must be >= 0")
+    _check(b.swap_every >= 0, f"bimt.swap_every must be >= 0 (got {b.swap_every}); 0 = no swaps")
+    _check(b.swap_top_k >= 1, f"bimt.swap_top_k must be >= 1 (got {b.swap_top_k})")
+    _check(b.prune_threshold >= 0, f"bimt.prune_threshold must be >= 0 (got {b.prune_threshold})")
+    _check(0 < b.mass_radius <= 1, f"bimt.mass_radius must be in (0, 1] (got {b.mass_radius})")
+    _check(b.metrics_every >= 0, f"bimt.metrics_every must be >= 0 (got {b.metrics_every}); 0 = train.log_every")
+    _check(len(set(b.maps)) == len(b.maps) and len(set(b.units)) == len(b.units), "bimt.maps and bimt.units must not repeat entries")
+    if "heads" in b.units:
+        _check("attention" in b.maps, "bimt.units has heads but bimt.maps has no attention: heads would never move")
+    if "hidden" in b.units:
+        _check("hidden" in b.maps, "bimt.units has hidden but bimt.maps has no hidden: hidden units would never move")
+    t = b.toy
+    _check(len(t.hidden) >= 1 and all(w >= 1 for w in t.hidden), f"bimt.toy.hidden must list layer widths >= 1 (got {t.hidden})")
+    for name in ("steps", "train_samples", "test_samples"):
+        _check(getattr(t, name) >= 1, f"bimt.toy.{name} must be >= 1 (got {getattr(t, name)})")
+    _check(t.lr > 0 and t.noise >= 0, "bimt.toy.lr must be > 0 and bimt.toy.noise >= 0")

@@ -65,7 +65,8 @@ def cluster_plugins() -> list[Any]:
     """Trainer plugins: under srun, SLURM's environment without Lightning's auto-requeue."""
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+    in_srun = "SLURM_NTASKS" in os.environ and SLURMEnvironment.detect()  # detect() alone warns off SLURM
+    return [SLURMEnvironment(auto_requeue=False)] if in_srun else []
 
 
 def _say(msg: str) -> None:
@@ -87,7 +88,10 @@ class SlurmPreemption(L.Callback):
         self.requeue = requeue
         self._request = NONE
         self._received: list[str] = []
+        self._signums: set[int] = set()
         self._pending: tuple[int, Path] | None = None  # (request, checkpoint) saved, exit next
+        self._trainer: L.Trainer | None = None
+        self._wandb_detached = False
         # idle: outside fit, the signals act as they did before; armed: a flag for the next
         # step boundary; done: after the last step there is nothing left to save or requeue;
         # leaving: saved and on the way out (a requeue makes SLURM send SIGTERM right away)
@@ -99,7 +103,10 @@ class SlurmPreemption(L.Callback):
     def _handle(self, signum: int, frame: Any) -> None:
         if self._phase == "armed":
             self._received.append(signal.Signals(signum).name)
+            self._signums.add(signum)
             self._request = max(self._request, REQUEUE if signum == self.requeue_signal else STOP)
+            if signum == signal.SIGTERM:
+                self._detach_wandb()
             return
         if self._phase == "leaving":
             return  # the checkpoint is saved and the process exits; SIGKILL follows if it hangs
@@ -109,6 +116,47 @@ class SlurmPreemption(L.Callback):
         previous = self._previous.get(signum, signal.SIG_DFL)
         signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
         os.kill(os.getpid(), signum)
+
+    def _detach_wandb(self) -> None:
+        """Stop logging to wandb: SLURM's SIGTERM reaches every process of the job step,
+        and wandb's service (wandb-core) exits on it, so the next wandb call would raise
+        before the step boundary where the checkpoint is saved. metrics.jsonl keeps every
+        step; the requeued or resubmitted job continues the same wandb run."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        trainer = self._trainer
+        if trainer is None or self._wandb_detached:
+            return
+        kept = [lg for lg in trainer.loggers if not isinstance(lg, WandbLogger)]
+        if len(kept) != len(trainer.loggers):
+            trainer.loggers = kept
+            self._wandb_detached = True
+
+    def _guard_wandb(self, trainer: L.Trainer) -> None:
+        """Let a wandb call that fails because SIGTERM took wandb's service down not crash
+        the run before its checkpoint: SLURM signals the service and the trainer at once,
+        so a call already under way can fail before the handler has detached wandb."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and "log_metrics" not in vars(logger):
+                logger.log_metrics = self._tolerant(logger.log_metrics)
+
+    def _tolerant(self, log_metrics: Any) -> Any:
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            if self._wandb_detached:
+                return None
+            try:
+                return log_metrics(*args, **kwargs)
+            except Exception:
+                if signal.SIGTERM not in self._signums:
+                    time.sleep(0.5)  # a pending SIGTERM's handler runs here
+                if signal.SIGTERM not in self._signums:
+                    raise  # not SIGTERM's doing: a real error
+                self._detach_wandb()
+                return None
+
+        return guarded
 
     def _install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -131,9 +179,11 @@ class SlurmPreemption(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self._request, self._received, self._pending = NONE, [], None
+        self._request, self._received, self._signums, self._pending = NONE, [], set(), None
+        self._trainer, self._wandb_detached = trainer, False
         self._phase = "armed"
         self._install()
+        self._guard_wandb(trainer)
         if in_slurm_job():  # one line per rank: where each rank runs, for multi-node troubleshooting
             env = os.environ
             print(
@@ -144,8 +194,13 @@ class SlurmPreemption(L.Callback):
             )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Lightning wraps SIGTERM with its own handler after setup; take it back.
+        # Lightning wraps SIGTERM with its own handler after setup; take it back. A SIGTERM
+        # that came in between is in our flag too; Lightning's copy would end the run with
+        # status 0 after the first step, before our checkpoint and exit status.
         self._install()
+        connector = getattr(trainer, "_signal_connector", None)
+        if connector is not None and getattr(connector, "received_sigterm", False):
+            connector.received_sigterm = False
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._pending is not None:  # the loop stopped first (train.exit_interval): still requeue
@@ -209,7 +264,10 @@ class SlurmPreemption(L.Callback):
             logger.save()
             finish_wandb(logger)  # before the requeue: SLURM then signals every process, wandb's too
         if "wandb" in sys.modules:  # and stop wandb's service now, not at exit when it may be gone
-            sys.modules["wandb"].teardown()
+            try:
+                sys.modules["wandb"].teardown()
+            except Exception:  # noqa: BLE001 - the service already died of SIGTERM: nothing to flush
+                pass
         signame = "/".join(dict.fromkeys(self._received)) or "a signal on another rank"
         code = EXIT_TERMINATED
         if trainer.is_global_zero:
@@ -219,6 +277,8 @@ class SlurmPreemption(L.Callback):
                 outcome = "stopped"
                 detail = "SIGTERM: the job is being cancelled or preempted, so not requeuing (SLURM requeues a preempted --requeue job)"
             _say(f"{signame} received: checkpoint saved at step {step} ({path}); {detail}; exiting with status {code}")
+            if self._wandb_detached:
+                _say("wandb stopped logging at SIGTERM (SLURM stops wandb's service with the job); metrics.jsonl has every step")
             append_event(
                 self.record_dir, "preempt", job_id=job_id_from_env(), step=step, signal=signame, action=outcome,
                 exit_code=code, trained_run=str(self.run_dir),

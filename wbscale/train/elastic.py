@@ -40,7 +40,6 @@ import contextlib
 import io
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,9 +91,11 @@ def current_topology(recipe: Recipe) -> Topology:
     """The topology the recipe (and launcher environment) will run with."""
     d = recipe.distributed
     world = d.devices * d.nodes
-    env_world = os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS")
+    env = os.environ
+    # torchrun / srun decide the world, not the recipe (SLURM_NTASKS only inside an srun step)
+    env_world = env.get("WORLD_SIZE") or (env.get("SLURM_NTASKS") if "SLURM_PROCID" in env else None)
     if env_world and env_world.isdigit() and int(env_world) > 1:
-        world = int(env_world)  # torchrun / srun decide the world, not the recipe
+        world = int(env_world)
     sharded = d.strategy == "deepspeed"
     return Topology(sharded=sharded, world_size=world, zero_stage=d.zero_stage if sharded else None)
 
@@ -115,7 +116,8 @@ def plan_resume(recipe: Recipe, ckpt: CheckpointInfo | None) -> ResumePlan:
     saved, now = saved_topology(ckpt), current_topology(recipe)
     if not saved.sharded and not now.sharded:
         return ResumePlan(str(ckpt.model_path))
-    if saved.sharded and now.sharded and (saved.world_size, saved.zero_stage) == (now.world_size, now.zero_stage):
+    same = saved.sharded and now.sharded and (saved.world_size, saved.zero_stage) == (now.world_size, now.zero_stage)
+    if same and os.environ.get("WBSCALE_FORCE_UNIVERSAL") != "1":  # the env: tests of the universal path
         return ResumePlan(str(ckpt.model_path))
     change = f"checkpoint step {ckpt.step} was written by {saved.describe()}; resuming with {now.describe()}"
     if now.sharded:
@@ -143,16 +145,9 @@ def _is_converter() -> bool:
 
 
 def _wait_for(path: Path, what: str) -> None:
-    """Block a non-zero rank until rank 0 has renamed ``path`` into place."""
-    timeout = float(os.environ.get("WBSCALE_RANK_WAIT_S", "3600"))
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise UserError(
-                f"waited {timeout:.0f} s for rank 0 to write {path} ({what}); check rank 0's log, "
-                "or run `wbscale ckpt consolidate`/the conversion on one process first"
-            )
-        time.sleep(0.5)
+    from wbscale.train.strategy import wait_for_rank_zero
+
+    wait_for_rank_zero(path, what)
 
 
 def _build_once(final: Path, what: str, build) -> Path:
@@ -209,10 +204,13 @@ def _shards_to_universal(ckpt: CheckpointInfo, out: Path) -> None:
         with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
             ds_to_universal(args)
     except Exception as err:
+        world, stage = ckpt.meta.get("world_size"), ckpt.meta.get("zero_stage")
         raise UserError(
             f"{ckpt.path}: DeepSpeed could not convert this checkpoint to the universal format "
-            f"({type(err).__name__}: {err}). Resume it with its own topology "
-            f"(world size {ckpt.meta.get('world_size')}, zero_stage {ckpt.meta.get('zero_stage')})"
+            f"({type(err).__name__}: {err}). Resume it with the topology it was written with: "
+            f"wbscale fit --resume {ckpt.path} --set distributed.strategy=deepspeed "
+            f"--set distributed.devices={world} --set distributed.zero_stage={stage} "
+            "(devices x nodes must equal that world size)"
         ) from err
     _normalise_universal(out)
 

@@ -23,7 +23,7 @@ import torch
 
 from wbscale.config import Recipe, recipe_from_dict, save_recipe
 from wbscale.data.loader import load_manifest
-from wbscale.data.prepare import prepare
+from wbscale.data.prepare import MANIFEST_FILE, prepare
 from wbscale.data.tokenizer import load_tokenizer
 from wbscale.errors import UserError
 from wbscale.io import atomic_write_json
@@ -40,7 +40,7 @@ from wbscale.train.checkpoint import (
 from wbscale.train.datamodule import TokenDataModule
 from wbscale.train.elastic import plan_resume
 from wbscale.train.module import LMModule
-from wbscale.train.strategy import build_strategy, strategy_callbacks
+from wbscale.train.strategy import build_strategy, strategy_callbacks, wait_for_rank_zero
 
 
 @dataclass
@@ -83,6 +83,8 @@ def ensure_data(recipe: Recipe, progress: bool = True) -> Path:
     data_dir = Path(recipe.data.out_dir)
     if is_rank_zero():
         prepare(recipe.data, progress=progress)
+    else:  # torchrun/srun start every rank at once: let rank 0 finish preparing first
+        wait_for_rank_zero(data_dir / MANIFEST_FILE, "data preparation")
     load_manifest(data_dir, verify=True)
     return data_dir
 
@@ -173,6 +175,10 @@ def build_callbacks(recipe: Recipe, run_dir: Path, data_dir: Path, meta: dict[st
                 out_path=run_dir / "samples.jsonl",
             )
         )
+    if recipe.bimt.enabled:  # wbscale.bimt: cost gradient, swaps, metrics, pruned export
+        from wbscale.bimt.callback import bimt_callback
+
+        callbacks.append(bimt_callback(recipe, run_dir, data_dir))
     callbacks.append(Plots(run_dir))
     if progress:
         from lightning.pytorch.callbacks import TQDMProgressBar

@@ -181,9 +181,10 @@ def deepspeed_config(recipe: Recipe, accelerator: str, precision: str) -> dict[s
         cfg["bf16"] = {"enabled": True}
     elif precision.startswith("16"):
         cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
-    if d.offload_optimizer and not cpu_adam_available():
-        # DeepSpeedCPUAdam is a C++ op built at first use; where it cannot be built, the
-        # offloaded optimizer step runs torch AdamW on the CPU copy (same math, slower).
+    if d.offload_optimizer:
+        # The strategy swaps in DeepSpeedCPUAdam on GPU runs when that op builds; on CPU runs
+        # (and where it cannot be built) the offloaded step runs torch AdamW, which
+        # DeepSpeed refuses unless told this.
         cfg["zero_force_ds_cpu_optimizer"] = False
     return _merge(cfg, d.deepspeed_extra)
 
@@ -216,8 +217,9 @@ class WBDeepSpeedStrategy(DeepSpeedStrategy):
       ``scale_wrt_gas=False`` so gradients equal the single-process run's.
     - The generated config already holds micro batch / accumulation / clipping; they are
       checked against the trainer instead of being refused by Lightning.
-    - Offload: the module's torch AdamW is swapped for DeepSpeedCPUAdam (same
-      hyper-parameters, same state keys) when that op is available.
+    - Offload (GPU): the module's torch AdamW is swapped for DeepSpeedCPUAdam (same
+      hyper-parameters, same state keys) when that op builds; otherwise, and on CPU runs,
+      torch AdamW runs the offloaded step.
     - ``load_universal``: resume from a universal checkpoint (world size or stage changed).
     """
 
@@ -285,27 +287,32 @@ class WBDeepSpeedStrategy(DeepSpeedStrategy):
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         client_state = super().load_checkpoint(checkpoint_path, weights_only)
         if self.load_universal:
-            self._restore_group_hyperparameters(Path(checkpoint_path))
+            self._repair_universal_load(Path(checkpoint_path))
         return client_state
 
-    def _restore_group_hyperparameters(self, universal: Path) -> None:
-        """Give each AdamW group its own saved hyper-parameters back.
+    def _repair_universal_load(self, universal: Path) -> None:
+        """Undo two slips of DeepSpeed's ZeRO-3 universal loader (0.19).
 
-        DeepSpeed's ZeRO-3 universal loader copies group 0's hyper-parameters into every
-        group, so the no-decay group (norms, biases, embeddings) would be decayed after a
-        resume; ZeRO-1/2's loader is right, and re-applying is harmless there.
+        - It copies group 0's hyper-parameters into every AdamW group, so the no-decay
+          group (norms, biases, embeddings) would be decayed after the resume: each group
+          gets its own saved values back.
+        - It assigns one ``step`` tensor object to every group's state; AdamW increments
+          it in place once per group, so bias correction would run ahead (2 groups: twice
+          per step). Each state gets its own copy.
+
+        ZeRO-1/2's loader does both right; re-applying is harmless there.
         """
+        base = getattr(self.deepspeed_engine.optimizer, "optimizer", None)
+        if base is None:
+            return
         path = universal / "checkpoint" / "zero" / "optimizer_state.pt"
         saved = torch.load(path, map_location="cpu", weights_only=False).get("param_groups") or []
-        base = getattr(self.deepspeed_engine.optimizer, "optimizer", None)
-        if base is None or len(base.param_groups) != len(saved):
-            return
-        for live, group in zip(base.param_groups, saved, strict=True):
-            live.update({k: v for k, v in group.items() if k != "params"})
-        if os.environ.get("WBDEBUG"):
-            print("DEBUG groups", [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups], flush=True)
-            for p_, st in base.state.items():
-                print("DEBUG state", p_.shape, {k: (float(v.norm()) if v.dim() else float(v)) for k, v in st.items()}, float(p_.norm()))
+        if len(base.param_groups) == len(saved):
+            for live, group in zip(base.param_groups, saved, strict=True):
+                live.update({k: v for k, v in group.items() if k != "params"})
+        for state in base.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
 
     # ---- accumulation: one scaling only
     def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -327,7 +334,9 @@ class WBDeepSpeedStrategy(DeepSpeedStrategy):
     def _init_optimizers(self):
         optimizer, scheduler_config = super()._init_optimizers()
         offload = (self.config or {}).get("zero_optimization", {}).get("offload_optimizer")
-        if offload and cpu_adam_available() and isinstance(optimizer, torch.optim.AdamW):
+        # Not on CPU runs: the op's JIT build costs minutes there and buys nothing, the
+        # "offloaded" state already lives in the same memory.
+        if offload and not self.on_cpu and cpu_adam_available() and isinstance(optimizer, torch.optim.AdamW):
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             groups = [dict(g) for g in optimizer.param_groups]
@@ -421,11 +430,46 @@ def build_strategy(recipe: Recipe, accelerator: str, precision: str = "32-true",
     return WBDeepSpeedStrategy(config=config, load_universal=load_universal, logging_level=logging.WARNING)
 
 
+class CPUThreads(L.Callback):
+    """Share the CPU cores among the processes of one node.
+
+    Each process's torch defaults to every core, so 2 processes on 2 cores would run 4
+    threads and slow each other down. torchrun sets OMP_NUM_THREADS=1 itself; Lightning's
+    launcher does not. An explicit OMP_NUM_THREADS always wins.
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        local = max(1, trainer.num_devices)
+        if trainer.strategy.root_device.type != "cpu" or local == 1 or "OMP_NUM_THREADS" in os.environ:
+            return
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+
+
+def wait_for_rank_zero(path: Path, what: str, poll_s: float = 0.5) -> None:
+    """Block until ``path`` exists (rank 0 writes it; renamed into place when complete).
+
+    For work done before any process group exists (data preparation, checkpoint
+    conversion) when every rank starts at once (torchrun, srun). The limit is
+    ``WBSCALE_RANK_WAIT_S`` seconds (default 3600).
+    """
+    import time
+
+    timeout = float(os.environ.get("WBSCALE_RANK_WAIT_S", "3600"))
+    deadline = time.monotonic() + timeout
+    while not Path(path).exists():
+        if time.monotonic() > deadline:
+            raise UserError(
+                f"waited {timeout:.0f} s for rank 0 to write {path} ({what}); check rank 0's log "
+                "(or raise WBSCALE_RANK_WAIT_S)"
+            )
+        time.sleep(poll_s)
+
+
 def strategy_callbacks(recipe: Recipe) -> list[L.Callback]:
-    """Callbacks of the distributed side: elastic resume bookkeeping, activation checkpointing."""
+    """Callbacks of the distributed side: elastic resume bookkeeping, CPU threads, activation checkpointing."""
     from wbscale.train.elastic import AccumulationChange
 
-    callbacks: list[L.Callback] = [AccumulationChange()]
+    callbacks: list[L.Callback] = [AccumulationChange(), CPUThreads()]
     if recipe.distributed.activation_checkpointing:
         callbacks.append(ActivationCheckpointing())
     return callbacks

@@ -1,0 +1,210 @@
+"""``wbscale bench train``: end-to-end training throughput of a recipe under its strategy.
+
+Runs ``--steps`` optimizer steps of the recipe (its ``distributed:`` section, or
+``--devices`` / ``--set`` overrides) with no checkpoints, loggers, samples or metrics in
+the way, times every optimizer step, and writes
+``bench/results/train-<recipe>-<strategy>-w<world>-<device>-<date>.json`` plus a ``.md``
+line with the device:
+
+- ``tokens_per_second``: global tokens per second over the steps after ``--warmup``,
+- ``step_time_s``: mean / median / min over the same steps,
+- ``peak_memory_bytes``: per rank (CUDA: max allocated; CPU: the process's peak RSS),
+- ``mfu``: on a GPU with a known peak (model FLOPs per token x tokens/s / peak x world).
+
+Multi-process runs use the same launch as ``wbscale fit`` (Lightning re-runs the command
+line in each process, or torchrun/srun start them); rank 0 writes the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from wbscale.config import Recipe
+from wbscale.io import atomic_write_json, atomic_write_text
+
+RESULTS_DIR = Path("bench/results")
+
+
+class StepTimer(L.Callback):
+    """Wall time of every optimizer step (CUDA synchronised), and per-rank peak memory."""
+
+    def __init__(self) -> None:
+        self.step_times: list[float] = []
+        self._last: float | None = None
+        self.peaks: list[int] = []
+
+    def _now(self, pl_module: L.LightningModule) -> float:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        return time.perf_counter()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+        self._last = self._now(pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches != 0:
+            return
+        now = self._now(pl_module)
+        if self._last is not None:
+            self.step_times.append(now - self._last)
+        self._last = now
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(pl_module.device)
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        gathered = trainer.strategy.all_gather(torch.tensor([float(peak)], device=pl_module.device))
+        self.peaks = [int(v) for v in gathered.flatten().tolist()]
+
+
+def device_name(accelerator: str) -> str:
+    """The GPU's name, or the CPU model with its core count."""
+    if accelerator == "gpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    model = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} ({os.cpu_count()} cores)"
+
+
+def _versions() -> dict[str, str | None]:
+    import importlib.metadata as md
+
+    out: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__}
+    for pkg in ("lightning", "deepspeed", "triton"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def bench_train(recipe: Recipe, steps: int, warmup: int = 2, out_dir: Path = RESULTS_DIR) -> dict[str, Any] | None:
+    """Train ``steps`` optimizer steps and report throughput; rank 0 returns the report."""
+    from wbscale.train.datamodule import TokenDataModule
+    from wbscale.train.fit import accelerator_for, ensure_data, precision_for, resolve_vocab
+    from wbscale.train.module import LMModule, device_peak_flops
+    from wbscale.train.strategy import build_strategy, strategy_callbacks
+
+    if steps <= warmup:
+        from wbscale.errors import UserError
+
+        raise UserError(f"--steps ({steps}) must exceed --warmup ({warmup}): warm-up steps are not timed")
+    recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, max_steps=steps))
+    data_dir = ensure_data(recipe, progress=False)
+    recipe = resolve_vocab(recipe, data_dir)
+    L.seed_everything(recipe.train.seed, workers=True, verbose=False)
+    accelerator = accelerator_for(recipe)
+    precision = precision_for(recipe, accelerator)
+    timer = StepTimer()
+    module = LMModule(recipe)
+    t, d = recipe.train, recipe.distributed
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=d.devices,
+        num_nodes=d.nodes,
+        strategy=build_strategy(recipe, accelerator, precision),
+        precision=precision,
+        max_steps=steps,
+        accumulate_grad_batches=t.grad_accum,
+        gradient_clip_val=recipe.optim.grad_clip or None,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        callbacks=[timer, *strategy_callbacks(recipe)],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        default_root_dir=str(out_dir / ".runs"),
+    )
+    if t.compile:
+        module.model.compile()
+    trainer.fit(module, datamodule=TokenDataModule(recipe, data_dir))
+    if not trainer.is_global_zero:
+        return None
+    timed = timer.step_times[warmup:]
+    world = trainer.world_size
+    tokens_per_step = t.micro_batch_size * t.grad_accum * recipe.model.block_size * world
+    mean = statistics.fmean(timed)
+    tokens_per_second = tokens_per_step / mean
+    flops = module.model.flops_per_token(recipe.model.block_size)
+    peak = device_peak_flops(module.device)
+    strategy = d.strategy if d.strategy != "deepspeed" else f"zero{d.zero_stage}"
+    if d.offload_optimizer or d.offload_params:
+        strategy += "-offload" + ("-params" if d.offload_params else "")
+    device = device_name(accelerator)
+    report = {
+        "recipe": recipe.train.run_name,
+        "model": f"{recipe.model.arch} {recipe.model.n_layer}L-{recipe.model.n_embd}d-{recipe.model.n_head}h",
+        "params": module.model.num_params(non_embedding=False),
+        "device": device,
+        "accelerator": accelerator,
+        "precision": precision,
+        "strategy": strategy,
+        "world_size": world,
+        "torch_threads": torch.get_num_threads(),
+        "micro_batch_size": t.micro_batch_size,
+        "grad_accum": t.grad_accum,
+        "block_size": recipe.model.block_size,
+        "tokens_per_step": tokens_per_step,
+        "steps": steps,
+        "warmup_steps": warmup,
+        "step_time_s": {"mean": mean, "median": statistics.median(timed), "min": min(timed)},
+        "tokens_per_second": tokens_per_second,
+        "flops_per_token": flops,
+        "mfu": flops * tokens_per_second / (peak * world) if peak else None,
+        "peak_memory_bytes": timer.peaks,
+        "versions": _versions(),
+        "git_commit": _git_commit(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join(sys.argv),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    safe_device = "".join(c if c.isalnum() else "-" for c in device.split("(")[0].strip()).strip("-").lower()
+    stem = f"train-{recipe.train.run_name}-{strategy}-w{world}-{safe_device}-{time.strftime('%Y%m%d-%H%M%S')}"
+    atomic_write_json(out_dir / f"{stem}.json", report)
+    atomic_write_text(out_dir / f"{stem}.md", format_report(report) + "\n")
+    report["path"] = str(out_dir / f"{stem}.json")
+    return report
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """One Markdown table row (with header) for a report."""
+    mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a (CPU)"
+    peak = max(r["peak_memory_bytes"]) / 2**30 if r["peak_memory_bytes"] else float("nan")
+    return (
+        "| recipe | model | device | strategy | world | tokens/s | step (s) | MFU | peak mem/rank (GiB) |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
+        f"| {r['recipe']} | {r['model']} | {r['device']} | {r['strategy']} | {r['world_size']} | "
+        f"{r['tokens_per_second']:,.0f} | {r['step_time_s']['mean']:.3f} | {mfu} | {peak:.2f} |"
+    )
