@@ -171,6 +171,17 @@ def test_readout_equals_explicit_computation(tiny):
             np.testing.assert_allclose(readout_scores(model, directions[j:j + 1])[0].double(), scores, atol=1e-4)
 
 
+def test_square_ista_units_write_basis_vectors():
+    # square ISTA: the block's output is the code itself, so unit j writes e_j
+    from wbscale.config import ModelConfig
+
+    model = build_model(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=50,
+                                    ista_variant="square"))
+    assert torch.equal(unit_directions(model, 0, "ista"), torch.eye(16))
+    with pytest.raises(UserError, match="no MLP"):
+        unit_directions(model, 0, "mlp")
+
+
 def test_token_entropy_is_zero_for_one_token_and_grows_with_spread():
     assert token_entropy([7, 7, 7]) == 0.0
     assert token_entropy([1, 2, 1, 2]) == pytest.approx(1.0)

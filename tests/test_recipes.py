@@ -50,7 +50,8 @@ def test_the_ladder_is_complete():
 @pytest.mark.parametrize("name", ALL)
 def test_every_recipe_loads(name):
     recipe = load_recipe(name)
-    assert recipe.train.run_name == name, f"{name}: train.run_name is {recipe.train.run_name!r}"
+    if name in LADDER:  # its run folder is named after it: runs/<recipe>/
+        assert recipe.train.run_name == name, f"{name}: train.run_name is {recipe.train.run_name!r}"
 
 
 @pytest.mark.parametrize("name", LADDER)

@@ -60,6 +60,18 @@ def _say(msg: str) -> None:
         print(f"[wbscale] bimt: {msg}", file=sys.stderr, flush=True)
 
 
+@torch.no_grad()
+def _fingerprint(model: nn.Module, geom: Geometry) -> float:
+    """Order-sensitive checksum of the cost's weights (first row and column of each)."""
+    total = 0.0
+    for conn in geom.connections:
+        w = tensor(model, conn.name).detach().double()
+        rows = torch.arange(1, w.shape[0] + 1, device=w.device, dtype=torch.float64)
+        cols = torch.arange(1, w.shape[1] + 1, device=w.device, dtype=torch.float64)
+        total += float((w[:, 0] * rows).sum() + (w[0, :] * cols).sum())
+    return total
+
+
 class BIMTCallback(Callback):
     """Brain-inspired modular training of the module's language model (``pl_module.model``).
 
@@ -211,6 +223,8 @@ class BIMTCallback(Callback):
             by_kind[group.kind] = by_kind.get(group.kind, 0) + int(accepted)
             delta += group_delta
         self.round += 1
+        if trainer.world_size > 1:
+            self._check_replicas(trainer, model)
         metrics = {f"bimt/swaps_accepted/{kind}": float(n) for kind, n in sorted(by_kind.items())}
         metrics["bimt/swaps_accepted"] = float(sum(by_kind.values()))
         metrics["bimt/swap_round"] = float(self.round)
@@ -219,6 +233,14 @@ class BIMTCallback(Callback):
         self.last_round = metrics
         self._log(trainer, metrics)
         return metrics
+
+    def _check_replicas(self, trainer: pl.Trainer, model: nn.Module) -> None:
+        """Every rank must hold the same (swapped) weights; a silent divergence would make
+        DDP average gradients of different networks."""
+        values = trainer.strategy.all_gather(torch.tensor([_fingerprint(model, self.geom)], dtype=torch.float64))
+        values = values.flatten().tolist()
+        if any(v != values[0] for v in values):
+            raise RuntimeError(f"bimt: ranks disagree after swap round {self.round} (weight fingerprints {values})")
 
     def _apply(self, trainer: pl.Trainer, model: nn.Module, group: str, perm: Tensor) -> None:
         if self._deepspeed:

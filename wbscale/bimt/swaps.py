@@ -80,8 +80,7 @@ def unit_scores(model: nn.Module, geom: Geometry, group: str) -> Tensor:
 
 
 def unit_costs(model: nn.Module, geom: Geometry, group: str, units: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Closed-form slot costs of the group's units (connections with both ends in the group
-    are left out; see :func:`decide_swaps`).
+    """Closed-form slot costs of the group's units.
 
     Returns ``rows`` (k, U): C[units[t], v]; ``cols`` (U, k): C[u, units[t]] (the slots of
     ``units`` in the current order); ``diag`` (U,): C[u, u].
@@ -90,9 +89,10 @@ def unit_costs(model: nn.Module, geom: Geometry, group: str, units: Tensor) -> t
     n, b, U = g.size, g.block, g.units
     k = units.numel()
     rows = cols = diag = None
-    for conn, side in geom.incident(group):
-        if side == "both":
-            continue
+    # a connection inside the group counts from both ends, the other end held at its slot
+    # (the pair correction of decide_swaps makes a single swap exact)
+    sides = [(conn, s) for conn, side in geom.incident(group) for s in (("rows", "cols") if side == "both" else (side,))]
+    for conn, side in sides:
         w = tensor(model, conn.name)
         dtype = _work_dtype(w)
         f = geom.factors(conn, w.device, dtype)
@@ -142,7 +142,13 @@ def exact_group_cost(model: nn.Module, geom: Geometry, group: str, perm: Tensor 
 
 
 def decide_swaps(model: nn.Module, geom: Geometry, group: str, top_k: int) -> SwapDecision:
-    """One greedy swap round for ``group`` (nothing is changed; see :func:`apply_permutation`)."""
+    """One greedy swap round for ``group`` (nothing is changed; see :func:`apply_permutation`).
+
+    A group with connections inside itself (CRATE's square dictionary moves with the
+    residual stream at both ends) takes one swap per round, the best of all candidates:
+    its other units' costs depend on where the swapped pair went, so only the first swap of
+    a round is exact.
+    """
     g = geom.groups[group]
     U = g.units
     identity = torch.arange(U)
@@ -157,12 +163,14 @@ def decide_swaps(model: nn.Module, geom: Geometry, group: str, top_k: int) -> Sw
     top = top.cpu()
     # float32 GEMMs: a swap must beat the rounding error of the costs it compares
     rel = 1e-12 if _group_dtype(model, geom, group) == torch.float64 else 1e-5
+    decision = SwapDecision(group, identity)
+    if any(side == "both" for _, side in incident):
+        return _best_single_swap(model, geom, group, top, rows, cols, diag, rel)
 
     pos = identity.clone()  # pos[u]: slot of unit u
     col_of_slot = torch.full((U,), -1, dtype=torch.long)
     col_of_slot[top] = torch.arange(k)  # unprocessed top-k units always sit in these slots
     cur = diag.clone()  # cur[u] = C[u, pos[u]]
-    decision = SwapDecision(group, identity)
     for t in range(k):
         i = int(top[t])
         slot_i = int(pos[i])
@@ -182,16 +190,35 @@ def decide_swaps(model: nn.Module, geom: Geometry, group: str, top_k: int) -> Sw
     perm = torch.empty(U, dtype=torch.long)
     perm[pos] = identity
     decision.perm = perm
-    if decision.accepted and any(side == "both" for _, side in incident):
-        # Connections inside the group (CRATE's square dictionary) moved at both ends: the
-        # closed form left them out, so check the whole round exactly and keep the old
-        # order if it does not pay.
-        before = exact_group_cost(model, geom, group)
-        after = exact_group_cost(model, geom, group, perm)
-        if after > before:
-            return SwapDecision(group, identity)
-        decision.delta = after - before
     return decision
+
+
+def _best_single_swap(model: nn.Module, geom: Geometry, group: str, top: Tensor, rows: Tensor,
+                      cols: Tensor, diag: Tensor, rel: float) -> SwapDecision:
+    """The best single swap of a group with internal connections (exact closed form)."""
+    g = geom.groups[group]
+    U = g.units
+    delta = rows + cols.T - diag[top][:, None] - diag[None, :]  # (k, U): swap top[t] <-> u
+    x = g.coordinates(dtype=torch.float64)
+    for conn, side in geom.incident(group):
+        if side != "both":
+            continue
+        if g.block != 1 or conn.row_tile != 1 or conn.col_tile != 1:
+            raise NotImplementedError("internal connections of blocked or tiled groups")
+        # Holding the other end fixed counts the four entries between i and j as moving; they
+        # do not (|x_i - x_j| stays, the diagonal stays at 0): take that back.
+        a = tensor(model, conn.name).detach().double().abs().cpu()
+        d = (x[top][:, None] - x[None, :]).abs()
+        mix = a.diagonal()[top][:, None] + a.diagonal()[None, :] - a[top] - a[:, top].T
+        delta -= 2.0 * geom.locality * d * mix
+    delta[torch.arange(top.numel()), top] = 0.0
+    t, j = divmod(int(torch.argmin(delta)), U)
+    best, i = float(delta[t, j]), int(top[t])
+    if not best < -rel * (abs(float(diag[i])) + abs(float(diag[j])) + 1e-30):
+        return SwapDecision(group, torch.arange(U))
+    perm = torch.arange(U)
+    perm[i], perm[j] = j, i
+    return SwapDecision(group, perm, accepted=1, delta=best, swaps=[(i, j, best)])
 
 
 def _group_dtype(model: nn.Module, geom: Geometry, group: str) -> torch.dtype:

@@ -321,6 +321,11 @@ def collect(
     layer_ids = parse_layers(layers, model.config.n_layer)
 
     data = Path(data_dir) if data_dir is not None else Path(recipe.data.out_dir)
+    if data_dir is None and not (data / "manifest.json").is_file():
+        raise UserError(
+            f"{ckpt}: its recipe's data folder '{data}' holds no prepared data; pass --data DIR "
+            "(a folder written by `wbscale data prepare`, tokenized like the model)"
+        )
     stream = TokenStream(data, split)
     if stream.total == 0:
         raise UserError(

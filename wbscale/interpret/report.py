@@ -36,7 +36,7 @@ def _layer_payload(path: Path, contexts: int, before: int, after: int, readout: 
     """Columns of one layer's units plus its packed context windows."""
     cols: dict[str, list[Any]] = {k: [] for k in ("freq", "max", "mean", "ent", "prom", "supp", "acttok")}
     dead: list[int] = []
-    ptr, act, tptr, hit, tok = [0], [], [0], [], []
+    ptr, act, lengths, hit, tok = [0], [], [], [], []
     layer = None
     with path.open() as f:
         for line in f:
@@ -62,17 +62,19 @@ def _layer_payload(path: Path, contexts: int, before: int, after: int, readout: 
                 act.append(c["activation"])
                 hit.append(c["index"] - lo)
                 tok.extend(window)
-                tptr.append(len(tok))
+                lengths.append(len(window))
                 used.update(window)
             ptr.append(len(act))
     if layer is None:
         raise UserError(f"{path}: empty layer file; re-run `wbscale interpret collect --force`")
+    # Window lengths and highlight offsets fit a byte unless --context asks for more.
+    small = "<u1" if before + after + 1 <= 255 else "<u2"
     return {
         "layer": layer, **cols, "dead": dead,
         "ctx": {
             "ptr": _b64(np.asarray(ptr, "<u4")), "act": _b64(np.asarray(act, "<f4")),
-            "tptr": _b64(np.asarray(tptr, "<u4")), "hit": _b64(np.asarray(hit, "<u2")),
-            "tok": _b64(np.asarray(tok, token_dtype)),
+            "len": _b64(np.asarray(lengths, small)), "hit": _b64(np.asarray(hit, small)),
+            "tok": _b64(np.asarray(tok, token_dtype)), "small_bytes": np.dtype(small).itemsize,
         },
     }
 

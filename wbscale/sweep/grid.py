@@ -170,10 +170,10 @@ class SweepSpec:
     def command(self) -> str:
         """The ``wbscale sweep`` command line that reproduces this sweep."""
         args = ["wbscale", "sweep", self.recipe]
-        for item in self.fixed:
-            args += ["--set", item]
         for key, values in self.axes:
             args += ["--arch", ",".join(values)] if key == "model.arch" else ["--set", f"{key}={','.join(values)}"]
+        for item in self.fixed:
+            args += ["--set", item]
         args += ["--name", str(self.name)]
         if self.out:
             args += ["--out", self.out]

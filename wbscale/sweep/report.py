@@ -219,8 +219,10 @@ def markdown(rows: list[dict[str, Any]], pairs: list[dict[str, Any]], sweep: dic
         lines.append(f"- Device: {env.get('device', '?')}; torch {env.get('torch', '?')}; "
                      f"commit `{env.get('commit') or '?'}`; date {env.get('date', '?')}.")
     if sweep.get("command"):
-        lines += ["- Reproduce:", "", "  ```bash", f"  {sweep['command']}",
-                  f"  wbscale sweep report {sweep.get('out_dir', 'runs/sweeps/' + name)}", "  ```"]
+        report_cmd = f"wbscale sweep report {sweep.get('out_dir', 'runs/sweeps/' + name)}"
+        if sweep.get("report_out"):
+            report_cmd += f" --out {sweep['report_out']}"
+        lines += ["- Reproduce:", "", "  ```bash", f"  {sweep['command']}", f"  {report_cmd}", "  ```"]
     lines.append("")
     lines.append("## Runs")
     lines.append("")
@@ -292,6 +294,7 @@ def sweep_report(sweep_dir: str | Path, out: str | Path | None = None) -> dict[s
     meta = {k: v for k, v in sweep.items() if k not in ("points", "environment")}
     meta.setdefault("name", name)
     meta["out_dir"] = str(sweep_dir)
+    meta["report_out"] = str(out) if out else None
     steps = sorted({r["max_steps"] for r in rows})
     tokens = sorted({r["tokens"] for r in rows})
     title = (f"{name}: val loss after {'/'.join(str(s) for s in steps)} steps "

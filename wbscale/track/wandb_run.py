@@ -28,6 +28,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from wbscale.io import atomic_write_text
-from wbscale.track.jsonl_logger import launch_rank
+from wbscale.launch import launch_rank
 
 WANDB_ID_FILE = "wandb_id.txt"
 DEFAULT_INIT_TIMEOUT = 20.0
@@ -273,7 +274,29 @@ class WandbStepLogger(WandbLogger):
     def finish(self, exit_code: int = 0) -> None:
         """Finish the wandb run (flush and close); the logger can be used no more."""
         if self._rank == 0 and self._experiment is not None:
+            sync_file = getattr(self._experiment.settings, "sync_file", None)
             self._experiment.finish(exit_code=exit_code)
+            if sync_file:
+                wait_for_exit_record(Path(sync_file))
+
+
+def wait_for_exit_record(path: Path, timeout: float = 30.0) -> bool:
+    """Wait until wandb's service has written the run's exit record to ``path``.
+
+    ``run.finish()`` can return before the service process has flushed the offline
+    ``.wandb`` file; readers (tests, a requeued job) must not see it half-written.
+    """
+    from wbscale.track.wandb_reader import iter_records
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if path.is_file() and any(r.WhichOneof("record_type") == "exit" for r in iter_records(path)):
+                return True
+        except Exception:  # a torn tail while the service is still writing: try again
+            pass
+        time.sleep(0.1)
+    return False
 
 
 def _init_run(

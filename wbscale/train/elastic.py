@@ -351,6 +351,22 @@ def optimizer_param_names(recipe: Recipe) -> tuple[list[str], list[dict[str, Any
     return names, meta_groups
 
 
+def tied_aliases(recipe: Recipe) -> dict[str, str]:
+    """``{alias: canonical name}`` of parameters shared under two names (``model.…`` keys)."""
+    from wbscale.train.module import LMModule
+
+    with torch.device("meta"):
+        module = LMModule(recipe)
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return aliases
+
+
 def read_universal(universal: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
     """(fp32 weights, per-parameter optimizer moments, optimizer_state.pt) of a universal folder."""
     zero = universal / DS_TAG / "zero"
@@ -409,7 +425,12 @@ def _universal_to_full(universal: Path, recipe: Recipe, out: Path) -> None:
         param_groups.append({**hyper, "params": list(range(start, start + count))})
         start += count
     checkpoint = {k: v for k, v in client.items() if k not in _DS_MODEL_STATE_KEYS}
-    checkpoint["state_dict"] = {k: v.clone() for k, v in weights.items()}
+    state_dict = {k: v.clone() for k, v in weights.items()}
+    for alias, canonical in tied_aliases(recipe).items():
+        # ZeRO-3 shards hold a tied tensor once (the LM head is the token embedding)
+        if alias not in state_dict and canonical in state_dict:
+            state_dict[alias] = state_dict[canonical]
+    checkpoint["state_dict"] = state_dict
     checkpoint["optimizer_states"] = [{"state": state, "param_groups": param_groups}]
     torch.save(checkpoint, out)
 
