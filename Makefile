@@ -22,6 +22,8 @@ endif
 
 demo: venv
 	$(BIN)/wbscale fit --recipe demo
+	$(BIN)/wbscale interpret collect --ckpt runs/demo --out runs/demo-interpret --tokens 16384
+	$(BIN)/wbscale interpret report runs/demo-interpret
 
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

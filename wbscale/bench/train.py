@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -190,12 +191,19 @@ def bench_train(recipe: Recipe, steps: int, warmup: int = 2, out_dir: Path = RES
         "command": " ".join(sys.argv),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    safe_device = "".join(c if c.isalnum() else "-" for c in device.split("(")[0].strip()).strip("-").lower()
+    safe_device = _slug(device)
     stem = f"train-{recipe.train.run_name}-{strategy}-w{world}-{safe_device}-{time.strftime('%Y%m%d-%H%M%S')}"
     atomic_write_json(out_dir / f"{stem}.json", report)
     atomic_write_text(out_dir / f"{stem}.md", format_report(report) + "\n")
     report["path"] = str(out_dir / f"{stem}.json")
     return report
+
+
+def _slug(device: str) -> str:
+    """``Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz (2 cores)`` -> ``intel-xeon-platinum-8481c``."""
+    name = re.sub(r"\((R|TM)\)", "", device, flags=re.IGNORECASE)
+    name = re.split(r" CPU| @| \(", name)[0]
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
 
 
 def format_report(r: dict[str, Any]) -> str:

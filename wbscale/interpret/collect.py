@@ -227,6 +227,7 @@ def token_entropy(token_ids: Sequence[int]) -> float | None:
 @dataclass
 class _Plan:
     ckpt: str
+    arch: str
     data_dir: Path
     split: str
     layers: list[int]
@@ -292,20 +293,69 @@ def collect(
     (for time-boxed jobs and tests). Returns the manifest (``{"status": "partial", ...}``
     when stopped early).
     """
-    from wbscale.data.prepare import SPLITS
-    from wbscale.train.inference import load_for_inference
-
     if top_k < 1:
         raise UserError(f"--top-k {top_k}: must be at least 1")
     if context < 0:
         raise UserError(f"--context {context}: must be >= 0")
     if batch_size < 1 or save_every < 1:
-        raise UserError("--batch-size and save_every must be at least 1")
+        raise UserError("--batch-size and --save-every must be at least 1")
     if tokens is not None and tokens < 1:
         raise UserError(f"--tokens {tokens}: must be at least 1")
+    dev = _resolve_device(device)
+    model, plan, stream = _setup(ckpt, data_dir, layers, tokens, top_k, split, batch_size, units)
+    out = Path(out_dir)
+    fingerprint = plan.fingerprint(_weights_sha(model))
+    model = model.to(dev)
+    trackers = {layer: _tracker(model, layer, plan.units, top_k, dev) for layer in plan.layers}
+    done = 0 if force else _resume(out / STATE_FILE, fingerprint, trackers)
+
+    batches = _batches(plan.tokens, plan.seq_len, batch_size)
+    if done < len(batches):  # the files on disk are about to be stale
+        (out / MANIFEST_FILE).unlink(missing_ok=True)
+    record = UNITS[plan.units]
+    chunks = 0
+    t0, tok0 = time.perf_counter(), sum(rows * length for _, rows, length in batches[:done])
+    with torch.inference_mode():
+        while done < len(batches):
+            for first, rows, length in batches[done:done + save_every]:
+                idx = torch.from_numpy(stream.read(first, first + rows * length).reshape(rows, length)).to(dev)
+                positions = torch.arange(first, first + rows * length, device=dev)
+                for layer, acts in unit_activations(model, idx, plan.layers, record):
+                    trackers[layer].update(acts.reshape(rows * length, -1), positions)
+                done += 1
+            _save_state(out / STATE_FILE, fingerprint, done, trackers)
+            chunks += 1
+            if progress:
+                seen = sum(rows * length for _, rows, length in batches[:done])
+                rate = (seen - tok0) / max(time.perf_counter() - t0, 1e-9)
+                print(f"[wbscale] interpret collect: {seen:,}/{plan.tokens:,} tokens, {rate:,.0f} tokens/s",
+                      file=sys.stderr)
+            if stop_after_chunks is not None and chunks >= stop_after_chunks and done < len(batches):
+                return {"status": "partial", "batches_done": done, "batches": len(batches)}
+    stream_s = time.perf_counter() - t0
+    manifest = _finalize(out, model, plan, stream, trackers, context, readout_tokens)
+    # Timing of this session only (a resumed collect streamed just the rest).
+    manifest["timing"] = {
+        "device": str(dev), "streamed_tokens": plan.tokens - tok0, "stream_seconds": round(stream_s, 3),
+        "tokens_per_second": round((plan.tokens - tok0) / max(stream_s, 1e-9), 1),
+        "finalize_seconds": round(time.perf_counter() - t0 - stream_s, 3),
+    }
+    atomic_write_json(out / MANIFEST_FILE, manifest)
+    if progress:
+        print(format_summary(json.loads((out / SUMMARY_FILE).read_text())), file=sys.stderr)
+    return manifest
+
+
+def _setup(
+    ckpt: str | Path, data_dir: str | Path | None, layers: str | Sequence[int] | None, tokens: int | None,
+    top_k: int, split: str, batch_size: int, units: str,
+) -> tuple[torch.nn.Module, _Plan, TokenStream]:
+    """Load the model (on CPU) and the data; check that they fit the request."""
+    from wbscale.data.prepare import SPLITS
+    from wbscale.train.inference import load_for_inference
+
     if split not in SPLITS:
         raise UserError(f"--split {split!r}: use one of {', '.join(SPLITS)}")
-    dev = _resolve_device(device)
     model, recipe, _ = load_for_inference(ckpt, device="cpu")
     arch = model.config.arch
     if units == "auto":
@@ -336,69 +386,29 @@ def collect(
             f"'{data}' was tokenized with {stream.vocab_size} tokens but {ckpt} has a vocabulary "
             f"of {model.config.vocab_size}: pass the data the model was trained on (--data)"
         )
-    n_tokens = stream.total if tokens is None else min(tokens, stream.total)
     plan = _Plan(
-        ckpt=str(Path(ckpt).resolve()), data_dir=data, split=split, layers=layer_ids, units=units,
-        top_k=top_k, tokens=n_tokens, seq_len=model.config.block_size, batch_size=batch_size,
+        ckpt=str(Path(ckpt).resolve()), arch=arch, data_dir=data, split=split, layers=layer_ids,
+        units=units, top_k=top_k, tokens=stream.total if tokens is None else min(tokens, stream.total),
+        seq_len=model.config.block_size, batch_size=batch_size,
     )
-    out = Path(out_dir)
-    fingerprint = plan.fingerprint(_weights_sha(model))
-    model = model.to(dev)
+    return model, plan, stream
 
-    state_path = out / STATE_FILE
-    trackers: dict[int, StreamingTopK] = {}
-    done = 0
-    if state_path.is_file() and not force:
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        if state["fingerprint"] != fingerprint:
-            diff = [f"{k}: {state['fingerprint'].get(k)!r} vs {v!r}" for k, v in fingerprint.items()
-                    if state["fingerprint"].get(k) != v]
-            raise UserError(
-                f"{out} holds a collection made with other settings ({'; '.join(diff)}); pass "
-                "--force to start over, or choose another --out"
-            )
-        done = int(state["batches_done"])
-        for layer in layer_ids:
-            trackers[layer] = _tracker(model, layer, units, top_k, dev)
-            trackers[layer].load_state_dict(state["layers"][layer])
-    else:
-        if force:
-            (out / MANIFEST_FILE).unlink(missing_ok=True)
-        trackers = {layer: _tracker(model, layer, units, top_k, dev) for layer in layer_ids}
 
-    batches = _batches(n_tokens, plan.seq_len, batch_size)
-    record = UNITS[units]
-    chunks = 0
-    t0, tok0 = time.perf_counter(), sum(rows * length for _, rows, length in batches[:done])
-    with torch.inference_mode():
-        while done < len(batches):
-            for first, rows, length in batches[done:done + save_every]:
-                idx = torch.from_numpy(stream.read(first, first + rows * length).reshape(rows, length)).to(dev)
-                positions = torch.arange(first, first + rows * length, device=dev)
-                for layer, acts in unit_activations(model, idx, layer_ids, record):
-                    trackers[layer].update(acts.reshape(rows * length, -1), positions)
-                done += 1
-            _save_state(state_path, fingerprint, done, trackers)
-            chunks += 1
-            if progress:
-                seen = sum(rows * length for _, rows, length in batches[:done])
-                rate = (seen - tok0) / max(time.perf_counter() - t0, 1e-9)
-                print(f"[wbscale] interpret collect: {seen:,}/{n_tokens:,} tokens, {rate:,.0f} tokens/s",
-                      file=sys.stderr)
-            if stop_after_chunks is not None and chunks >= stop_after_chunks and done < len(batches):
-                return {"status": "partial", "batches_done": done, "batches": len(batches)}
-    stream_s = time.perf_counter() - t0
-    manifest = _finalize(out, model, plan, stream, trackers, context, readout_tokens, arch)
-    # Timing of this session only (a resumed collect streamed just the rest).
-    manifest["timing"] = {
-        "device": str(dev), "streamed_tokens": n_tokens - tok0, "stream_seconds": round(stream_s, 3),
-        "tokens_per_second": round((n_tokens - tok0) / max(stream_s, 1e-9), 1),
-        "finalize_seconds": round(time.perf_counter() - t0 - stream_s, 3),
-    }
-    atomic_write_json(out / MANIFEST_FILE, manifest)
-    if progress:
-        print(format_summary(json.loads((out / SUMMARY_FILE).read_text())), file=sys.stderr)
-    return manifest
+def _resume(path: Path, fingerprint: dict[str, Any], trackers: dict[int, StreamingTopK]) -> int:
+    """Load the saved state into ``trackers``; the number of batches already done (0: none)."""
+    if not path.is_file():
+        return 0
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state["fingerprint"] != fingerprint:
+        diff = [f"{k}: {state['fingerprint'].get(k)!r} vs {v!r}" for k, v in fingerprint.items()
+                if state["fingerprint"].get(k) != v]
+        raise UserError(
+            f"{path.parent} holds a collection made with other settings ({'; '.join(diff)}); pass "
+            "--force to start over, or choose another --out"
+        )
+    for layer, tracker in trackers.items():
+        tracker.load_state_dict(state["layers"][layer])
+    return int(state["batches_done"])
 
 
 def _tracker(model: torch.nn.Module, layer: int, units: str, k: int, dev: torch.device) -> StreamingTopK:
@@ -432,7 +442,7 @@ def _decode_vocab(data_dir: Path, vocab_size: int) -> list[str]:
 
 def _finalize(
     out: Path, model: torch.nn.Module, plan: _Plan, stream: TokenStream,
-    trackers: dict[int, StreamingTopK], context: int, readout_tokens: int, arch: str,
+    trackers: dict[int, StreamingTopK], context: int, readout_tokens: int,
 ) -> dict[str, Any]:
     """Contexts, readouts, per-layer JSON lines, summary, histogram, then the manifest."""
     from wbscale.interpret.readout import token_readout, unit_directions
@@ -484,14 +494,14 @@ def _finalize(
 
     atomic_write_json(out / VOCAB_FILE, _decode_vocab(plan.data_dir, n_vocab))
     summary = {
-        "arch": arch, "units": plan.units, "unit_name": UNIT_NAMES[plan.units], "tokens": plan.tokens,
+        "arch": plan.arch, "units": plan.units, "unit_name": UNIT_NAMES[plan.units], "tokens": plan.tokens,
         "top_k": plan.top_k, "hist_edges_log10": HIST_EDGES.tolist(), "layers": summary_layers,
     }
     atomic_write_json(out / SUMMARY_FILE, summary)
     plot_frequency_histogram(summary, out / HISTOGRAM_FILE)
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "status": "complete",
-        "ckpt": plan.ckpt, "arch": arch, "units": plan.units, "n_layer": model.config.n_layer,
+        "ckpt": plan.ckpt, "arch": plan.arch, "units": plan.units, "n_layer": model.config.n_layer,
         "n_embd": model.config.n_embd, "data_dir": str(plan.data_dir), "split": plan.split,
         "tokens": plan.tokens, "seq_len": plan.seq_len, "batch_size": plan.batch_size,
         "top_k": plan.top_k, "context": context, "readout_tokens": readout_tokens,
