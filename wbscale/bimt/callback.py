@@ -20,7 +20,8 @@ The model and ``training_step`` stay untouched (STYLE.md: BIMT is a callback):
   cumulative permutation (original unit at each slot) — the map from the swapped model
   back to the pretrained one.
 - End of training: on a copy, prune |w| < ``prune_threshold``, report the val loss before
-  and after (``bimt.json`` + logged), export ``runs/<run>/bimt-pruned/``.
+  and after (``bimt.json`` + logged), export ``runs/<run>/bimt-pruned/``; the cumulative
+  permutations go to ``bimt-permutations.json``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from wbscale.bimt.swaps import apply_permutation, compose, decide_swaps
 from wbscale.errors import UserError
 
 REPORT_FILE = "bimt.json"
+PERMUTATIONS_FILE = "bimt-permutations.json"
 EXPORT_DIR = "bimt-pruned"
 
 
@@ -306,6 +308,8 @@ class BIMTCallback(Callback):
         }
         if self.cfg.export_pruned and self.recipe is not None:
             report["export"] = str(self._export(model))
+        # slot -> original unit per group: reads the swapped model in the pretrained one's terms
+        atomic_write_json(self.run_dir / PERMUTATIONS_FILE, {k: v.tolist() for k, v in self.permutations.items()})
         atomic_write_json(self.run_dir / REPORT_FILE, report)
         self._log(trainer, {
             "bimt/prune/val_loss_before": before, "bimt/prune/val_loss_after": after,

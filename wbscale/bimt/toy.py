@@ -14,7 +14,6 @@ Tasks (Liu, Gan & Tegmark 2023, sections 3.1 and 3.2):
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass

@@ -161,18 +161,23 @@ def plot_scaling(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     done = [r for r in rows if r["val_loss"] is not None]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
     panels = (("non_embedding_params", "non-embedding parameters"), ("compute_flops", "training compute (FLOPs)"))
     for ax, (key, label) in zip(axes, panels, strict=True):
         for arch in sorted({r["arch"] for r in done}):
-            series = sorted((r for r in done if r["arch"] == arch), key=lambda r: r[key])
+            runs = [r for r in done if r["arch"] == arch]
             color, marker = ARCH_STYLE.get(arch, ("tab:gray", "^"))
-            xs, ys = [r[key] for r in series], [r["val_loss"] for r in series]
-            ax.plot(xs, ys, color=color, alpha=0.35, linewidth=1)
-            ax.scatter(xs, ys, color=color, marker=marker, s=36, label=ARCH_LABEL.get(arch, arch), zorder=3)
-            for r in series:
+            # One line per width (runs that differ only in depth and the like), so that the
+            # lines read as curves instead of zig-zagging between widths.
+            for width in sorted({r["n_embd"] for r in runs}):
+                line = sorted((r for r in runs if r["n_embd"] == width), key=lambda r: r[key])
+                ax.plot([r[key] for r in line], [r["val_loss"] for r in line], color=color, alpha=0.4, linewidth=1)
+            ax.scatter([r[key] for r in runs], [r["val_loss"] for r in runs], color=color, marker=marker, s=36,
+                       label=ARCH_LABEL.get(arch, arch), zorder=3)
+            for r in runs:
                 ax.annotate(f"{r['n_layer']}L-{r['n_embd']}d", (r[key], r["val_loss"]), fontsize=7,
                             xytext=(4, 3), textcoords="offset points", color=color)
         entropies = {round(r["unigram_entropy"], 6) for r in done if r["unigram_entropy"] is not None}
@@ -180,6 +185,7 @@ def plot_scaling(rows: list[dict[str, Any]], path: Path, title: str) -> None:
             ax.axhline(next(iter(entropies)), color="gray", linestyle="--", linewidth=0.8,
                        label="unigram entropy (no context)")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on short ranges
         ax.set_xlabel(label)
         ax.grid(True, which="both", alpha=0.25)
     axes[0].set_ylabel("validation loss (nats/token)")
@@ -242,12 +248,12 @@ def markdown(rows: list[dict[str, Any]], pairs: list[dict[str, Any]], sweep: dic
                      f"{', '.join(f'{e:.3f}' for e in entropies)} nats/token.")
     if pairs:
         lines += ["", "## CRATE vs GPT-2 at equal shape", ""]
-        lines.append("| shape | CRATE val loss | GPT-2 val loss | CRATE − GPT-2 | non-emb. params CRATE/GPT-2 | FLOPs/token CRATE/GPT-2 | wall time CRATE/GPT-2 |")
-        lines.append("|---|--:|--:|--:|--:|--:|--:|")
+        lines.append("| shape | CRATE val loss | GPT-2 val loss | CRATE − GPT-2 | non-emb. params CRATE/GPT-2 | FLOPs/token CRATE/GPT-2 |")
+        lines.append("|---|--:|--:|--:|--:|--:|")
         for p in pairs:
             lines.append(
                 f"| {p['shape']} | {p['crate_val_loss']:.3f} | {p['gpt2_val_loss']:.3f} | {p['delta']:+.3f} | "
-                f"{p['non_embedding_params_ratio']:.2f} | {p['flops_per_token_ratio']:.2f} | {_fmt(p['seconds_ratio'], '.2f')} |"
+                f"{p['non_embedding_params_ratio']:.2f} | {p['flops_per_token_ratio']:.2f} |"
             )
         crate_better = sum(p["delta"] < 0 for p in pairs)
         lines.append("")
@@ -270,8 +276,9 @@ def markdown(rows: list[dict[str, Any]], pairs: list[dict[str, Any]], sweep: dic
             "against GPT-2's 12d²."
         )
     lines.append(
-        "- Wall time is measured on the device above, with whatever else ran on it at the time: compare "
-        "within this table only."
+        "- Wall time is each point's `fit` call on the device above (the first point also pays the "
+        "imports), with whatever else ran on that machine at the time: on a shared machine it says "
+        "little about the architectures; `wbscale bench train` measures throughput."
     )
     if all(r["max_steps"] < 5000 for r in rows):
         lines.append(

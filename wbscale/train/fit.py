@@ -207,6 +207,8 @@ def quiet_lightning() -> None:
                  "lightning.pytorch.trainer.connectors.checkpoint_connector"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # Printed on every run on a machine with SLURM installed, even outside a job.
+    warnings.filterwarnings("ignore", message=r".*The `srun` command is available on your system but is not used.*")
 
 
 def fit(recipe: Recipe, resume: str = "auto", progress: bool | None = None) -> FitResult:
