@@ -83,19 +83,24 @@ def draw_panel(ax: Axes, model: nn.Module, geom: Geometry, panel: int, top: int 
 
 def plot_lm_connectivity(model: nn.Module, geom: Geometry, out_png: str | Path, top: int = 200,
                          title: str | None = None, columns: int = 4) -> Path:
-    """One panel per layer with its ``top`` strongest connections; returns the PNG path."""
+    """One panel per layer with the ``top`` strongest connections of each of its weight
+    matrices (line width relative to the panel's largest |w|); returns the PNG path."""
     panels = sorted({c.plot[0] for c in geom.connections if c.plot[0] >= 0})
     if not panels:
         raise ValueError("the geometry has no connections to draw (bimt.maps is empty?)")
     cols = min(columns, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig = Figure(figsize=(3.2 * cols, 2.6 * rows))
+    fig.subplots_adjust(wspace=0.08, hspace=0.35)
     for k, panel in enumerate(panels):
         ax = fig.add_subplot(rows, cols, k + 1)
         draw_panel(ax, model, geom, panel, top=top)
+        if k % cols:
+            ax.set_yticklabels([])
         name = geom.panels[panel] if panel < len(geom.panels) else f"panel {panel}"
         ax.set_title(name, fontsize=8)
-    fig.suptitle(title or f"strongest {top} connections per layer (width ~ |w|; blue > 0, red < 0)", fontsize=9)
+    fig.suptitle(title or f"strongest {top} connections per weight matrix (width ~ |w|; blue > 0, red < 0)",
+                 fontsize=9, y=1.0 + 0.04 / rows)
     return save_figure(fig, out_png)
 
 
@@ -110,7 +115,7 @@ def plot_checkpoint(ckpt: str | Path, out_png: str | Path, top: int = 200) -> di
     geom = geometry_from_config(model, recipe.bimt)
     path = plot_lm_connectivity(
         model, geom, out_png, top=top,
-        title=f"{Path(ckpt).name}: strongest {top} connections per layer (width ~ |w|; blue > 0, red < 0)",
+        title=f"{Path(ckpt).name}: strongest {top} connections per weight matrix (width ~ |w|; blue > 0, red < 0)",
     )
     metrics = modularity_metrics(model, geom, recipe.bimt.prune_threshold, recipe.bimt.mass_radius)
     return {"plot": str(path), **metrics}
