@@ -159,8 +159,15 @@ class LMModule(L.LightningModule):
                 "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"],
                 "train/tokens_seen": float(step * self.tokens_per_step()),
             }
-            if self._grad_norm is not None:
-                metrics["train/grad_norm"] = self._grad_norm
+            grad_norm = self._grad_norm
+            engine = getattr(self.trainer.strategy, "deepspeed_engine", None)
+            if engine is not None:
+                # Under ZeRO the gradients are partitioned (p.grad is empty): ask DeepSpeed
+                # for the global norm it computed for clipping.
+                norm = engine.get_global_grad_norm()
+                grad_norm = float(norm) if norm is not None else None
+            if grad_norm is not None:
+                metrics["train/grad_norm"] = grad_norm
             if self._window is not None and step > self._window[0]:
                 # Averaged over the steps since the last log line, first step excluded (warm-up).
                 tokens_per_second = (step - self._window[0]) * self.tokens_per_step() / (now - self._window[1])
