@@ -230,6 +230,21 @@ def test_bimt_config_validation():
         load_recipe("demo", base + ["bimt.localty=1"])
 
 
+def test_replica_fingerprint_sees_a_swap():
+    """The cross-rank check after a round must notice a rank that did not apply it."""
+    from wbscale.bimt.callback import _fingerprint
+
+    model = make_lm("gpt2")
+    geom = lm_geometry(model)
+    before = _fingerprint(model, geom)
+    for group in ("residual", "hidden.1", "heads.0"):
+        n = geom.groups[group].units
+        apply_permutation(model, geom, group, torch.arange(n).flip(0))
+        after = _fingerprint(model, geom)
+        assert after != before, f"a swap of {group} left the fingerprint unchanged"
+        before = after
+
+
 # ---------------------------------------------------------------------------- toy
 
 
