@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import losses, tiny_overrides
+from helpers import assert_same_train_losses, losses, tiny_overrides
 
 from wbscale.bimt.cost import add_cost_gradient, cost_value, lambda_at, modularity_metrics
 from wbscale.bimt.geometry import lm_geometry
@@ -315,10 +315,7 @@ def test_bimt_finetune_of_hf_gpt2_resumes_exactly(hf_gpt2, bimt_data, capsys):
     second = fit(part, resume="auto", progress=False)
     assert second.resumed_from == 4 and second.step == 8
     a, b = losses(full.run_dir), losses(second.run_dir)
-    for step in range(1, 9):
-        assert a[step]["train/loss"] == b[step]["train/loss"], (
-            f"step {step}: uninterrupted {a[step]['train/loss']!r} vs resumed {b[step]['train/loss']!r}"
-        )
+    assert_same_train_losses(a, b, range(1, 9))
     swaps = {s: a[s]["bimt/swaps_accepted"] for s in a if "bimt/swaps_accepted" in a[s]}
     assert sorted(swaps) == [2, 4, 6] and sum(swaps.values()) > 0, swaps
     assert {s: b[s]["bimt/swaps_accepted"] for s in b if "bimt/swaps_accepted" in b[s]} == swaps

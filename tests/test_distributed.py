@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import losses, tiny_overrides
 
 from wbscale.config import load_recipe
 from wbscale.errors import UserError
@@ -35,31 +36,14 @@ STEPS = 8
 def tiny(tmp: Path, run: str, **extra: object) -> list[str]:
     """A recipe small enough that process start-up dominates (8 steps, 2 layers, d=32)."""
     values = {
-        "model.n_layer": 2,
-        "model.n_head": 2,
-        "model.n_embd": 32,
-        "model.block_size": 32,
-        "data.synthetic_documents": 400,
-        "data.vocab_size": 320,
-        "data.out_dir": str(tmp / "data"),
-        "data.workers": 1,
-        "train.runs_dir": str(tmp / "runs"),
-        "train.run_name": run,
         "train.max_steps": STEPS,
-        "train.micro_batch_size": 4,
-        "train.grad_accum": 2,
-        "train.log_every": 1,
-        "train.val_every": 4,
-        "train.val_batches": 2,
         "train.ckpt_every": 2,
         "train.keep_last": 4,
         "train.sample_max_new_tokens": 4,
-        "optim.warmup_steps": 2,
         "tracking.metrics_every": 0,
         "tracking.wandb.mode": "disabled",
     }
-    values.update(extra)
-    return [f"{k}={v}" for k, v in values.items()]
+    return tiny_overrides(tmp, run, **{**values, **extra})
 
 
 TWO = {"distributed.devices": 2, "train.grad_accum": 1}  # same global batch as 1 x accum 2
@@ -91,14 +75,6 @@ def fork_run(tmp: Path, src: str, dst: str, step: int) -> None:
             shutil.rmtree(ckpt)
     (root / dst / "checkpoints" / "last").write_text(keep + "\n")
     (root / dst / "summary.json").unlink(missing_ok=True)
-
-
-def losses(run_dir: Path) -> dict[int, dict[str, float]]:
-    by_step: dict[int, dict[str, float]] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        by_step.setdefault(row["step"], {}).update(row)
-    return by_step
 
 
 def assert_curves_close(ref: Path, other: Path, steps, tol: float = TOL, key: str = "train/loss") -> None:

@@ -13,7 +13,7 @@ from urllib.parse import quote
 import numpy as np
 import pytest
 import torch
-from test_train import tiny_overrides
+from helpers import tiny_overrides
 
 from wbscale.config import load_recipe
 from wbscale.data.prepare import prepare

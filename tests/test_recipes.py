@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from test_train import tiny_overrides
+from helpers import tiny_overrides
 
 from wbscale.cli import main
 from wbscale.config import RECIPES_DIR, ModelConfig, load_recipe

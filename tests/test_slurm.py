@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import losses, tiny_overrides
 from slurm_cluster import LocalCluster, unavailable
-from test_train import losses, tiny_overrides
 
 from wbscale.cli import main
 from wbscale.config import load_recipe

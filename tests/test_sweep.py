@@ -8,7 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from test_train import tiny_overrides
+from helpers import tiny_overrides
 
 from wbscale.cli import main
 from wbscale.config import load_recipe

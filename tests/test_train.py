@@ -7,49 +7,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import assert_same_train_losses, losses, tiny_overrides
 
 from wbscale.config import load_recipe
 from wbscale.errors import UserError
 from wbscale.train.checkpoint import latest_checkpoint, list_checkpoints
 from wbscale.train.fit import fit
-
-
-def tiny_overrides(tmp_path: Path, run_name: str = "tiny", **extra: object) -> list[str]:
-    """A recipe small enough for a few seconds of CPU training."""
-    values = {
-        "model.n_layer": 2,
-        "model.n_head": 2,
-        "model.n_embd": 32,
-        "model.block_size": 32,
-        "data.synthetic_documents": 400,
-        "data.vocab_size": 320,
-        "data.out_dir": str(tmp_path / "data"),
-        "data.workers": 1,
-        "train.runs_dir": str(tmp_path / "runs"),
-        "train.run_name": run_name,
-        "train.max_steps": 8,
-        "train.micro_batch_size": 4,
-        "train.grad_accum": 2,
-        "train.log_every": 1,
-        "train.val_every": 4,
-        "train.val_batches": 2,
-        "train.ckpt_every": 4,
-        "train.keep_last": 2,
-        "train.sample_max_new_tokens": 8,
-        "optim.warmup_steps": 2,
-        "tracking.metrics_every": 4,
-        "tracking.wandb.mode": "offline",
-    }
-    values.update(extra)
-    return [f"{k}={v}" for k, v in values.items()]
-
-
-def losses(run_dir: Path) -> dict[int, dict[str, float]]:
-    by_step: dict[int, dict[str, float]] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        by_step.setdefault(row["step"], {}).update(row)
-    return by_step
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +54,7 @@ def test_resume_reproduces_uninterrupted_loss(shared_data):
     second = fit(part, resume="auto", progress=False)
     assert second.resumed_from == 4 and second.step == 8
     a, b = losses(full.run_dir), losses(second.run_dir)
-    for step in range(1, 9):
-        assert a[step]["train/loss"] == b[step]["train/loss"], (
-            f"step {step}: uninterrupted {a[step]['train/loss']!r} vs resumed {b[step]['train/loss']!r}"
-        )
+    assert_same_train_losses(a, b, range(1, 9))
     for step in (4, 8):
         assert a[step]["val/loss"] == b[step]["val/loss"]
     steps = [json.loads(line)["step"] for line in (second.run_dir / "metrics.jsonl").read_text().splitlines()]
