@@ -127,16 +127,27 @@ def cmd_recipes_check(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
-    from wbscale.bench.train import bench_train, format_report
-    from wbscale.config import load_recipe
+    from wbscale.bench.train import bench_archs, format_report
 
     overrides = list(args.overrides)
     if args.devices is not None:
         overrides.append(f"distributed.devices={args.devices}")
-    report = bench_train(load_recipe(args.name, overrides), steps=args.steps, warmup=args.warmup, out_dir=Path(args.out))
-    if report is not None:  # rank 0
+    archs = [a.strip() for a in args.arch.split(",")] if args.arch else []
+    if not archs:
+        from wbscale.config import load_recipe
+
+        archs = [load_recipe(args.name, overrides).model.arch]
+    reports = bench_archs(args.name, overrides, archs, steps=args.steps, warmup=args.warmup, out_dir=Path(args.out))
+    for report in reports:  # rank 0 only
         print(format_report(report))
         print(report["path"])
+    if len(reports) > 1:
+        base = reports[0]
+        for other in reports[1:]:
+            print(
+                f"{base['model']} / {other['model']}: tokens/s ratio "
+                f"{base['tokens_per_second'] / other['tokens_per_second']:.2f} (same run, same device)"
+            )
     return 0
 
 
@@ -408,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("train", help="training throughput of a recipe (tokens/s, step time, memory, MFU)")
     p.add_argument("name", help="recipe name or YAML path")
     p.add_argument("--steps", type=int, default=20, help="optimizer steps to run (default 20)")
+    p.add_argument("--arch", help="comma-separated architectures to run back to back, e.g. crate,gpt2 (same recipe otherwise)")
     p.add_argument("--warmup", type=int, default=2, help="first steps not timed (default 2)")
     p.add_argument("--devices", type=int, help="processes/GPUs per node (sets distributed.devices)")
     p.add_argument("--out", default="bench/results", help="results folder (default bench/results)")

@@ -216,3 +216,19 @@ def format_report(r: dict[str, Any]) -> str:
         f"| {r['recipe']} | {r['model']} | {r['device']} | {r['strategy']} | {r['world_size']} | "
         f"{r['tokens_per_second']:,.0f} | {r['step_time_s']['mean']:.3f} | {mfu} | {peak:.2f} |"
     )
+
+
+def bench_archs(
+    name: str, overrides: list[str], archs: list[str], steps: int, warmup: int = 2, out_dir: Path = RESULTS_DIR
+) -> list[dict[str, Any]]:
+    """The same recipe once per architecture, back to back in one process (a fair ratio)."""
+    from wbscale.config import load_recipe
+
+    reports = []
+    for arch in archs:
+        recipe = load_recipe(name, [*overrides, f"model.arch={arch}"])
+        recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, run_name=f"{recipe.train.run_name}-{arch}"))
+        report = bench_train(recipe, steps=steps, warmup=warmup, out_dir=out_dir)
+        if report is not None:
+            reports.append(report)
+    return reports
