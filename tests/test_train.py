@@ -155,3 +155,17 @@ def test_import_published_crate_lm_then_generate(shared_data, tmp_path, capsys):
     assert main(["eval", "--ckpt", str(out), "--data", str(shared_data / "data"), "--batches", "1",
                  "--batch-size", "2"]) == 0
     assert main(["ckpt", "import", "--format", "crate-lm", str(tmp_path / "nothing.pt"), "--out", str(out)]) == 2
+
+
+def test_bench_train_compares_architectures_in_one_run(shared_data, tmp_path, capsys):
+    from wbscale.cli import main
+
+    sets = [a for o in tiny_overrides(shared_data, "bench") for a in ("--set", o)]
+    out = tmp_path / "bench"
+    assert main(["bench", "train", "demo", "--arch", "crate,gpt2", "--steps", "3", "--warmup", "1",
+                 "--out", str(out), *sets]) == 0
+    printed = capsys.readouterr().out
+    assert "tokens/s ratio" in printed
+    reports = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+    assert sorted(r["model"].split()[0] for r in reports) == ["crate", "gpt2"]
+    assert all(r["tokens_per_second"] > 0 for r in reports)
