@@ -301,7 +301,7 @@ def bimt_overrides(root: Path, hf: Path, run: str, **extra) -> list[str]:
 
 
 def final_checkpoint(run_dir: Path) -> dict:
-    from wbscale.train.checkpoint import latest_checkpoint
+    from wbscale.ckpt.format import latest_checkpoint
 
     return torch.load(latest_checkpoint(run_dir).model_path, map_location="cpu", weights_only=False)
 
@@ -336,8 +336,8 @@ def test_bimt_finetune_of_hf_gpt2_resumes_exactly(hf_gpt2, bimt_data, capsys):
 
 
 def test_bimt_plot_of_the_pruned_export(hf_gpt2, bimt_data, capsys):
+    from wbscale.ckpt.load import load_for_inference
     from wbscale.cli import main
-    from wbscale.train.inference import load_for_inference
 
     export = bimt_data / "runs" / "full" / "bimt-pruned"
     if not export.is_dir():
@@ -354,8 +354,8 @@ def test_bimt_plot_of_the_pruned_export(hf_gpt2, bimt_data, capsys):
 
 def test_bimt_crate_recipe_starts_from_a_checkpoint(bimt_data):
     """bimt.init_from: the CRATE run's weights are loaded, then fine-tuned with BIMT."""
+    from wbscale.ckpt.load import load_for_inference
     from wbscale.train.fit import fit
-    from wbscale.train.inference import load_for_inference
 
     base = fit(load_recipe("demo", tiny_overrides(bimt_data, "crate-base", **{"train.max_steps": 2})), progress=False)
     recipe = load_recipe("bimt-crate", tiny_overrides(bimt_data, "bimt-crate", **{
@@ -412,8 +412,8 @@ def assert_export_follows_swaps(run_dir: Path, hf: Path) -> None:
     """The final weights are the pretrained ones moved by the recorded permutations (plus a
     few small steps): the optimizer's master weights and moments moved with the swaps too,
     or the next step would have written the unswapped layout back."""
+    from wbscale.ckpt.load import load_for_inference
     from wbscale.models import GPT2
-    from wbscale.train.inference import load_for_inference
 
     final, _, _ = load_for_inference(run_dir / "bimt-pruned")
     start, _ = GPT2.from_pretrained(str(hf))

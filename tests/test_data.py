@@ -14,28 +14,30 @@ import numpy as np
 import pytest
 import torch
 
+from wbscale.bench.data import bench_prepare
 from wbscale.config import DataConfig
 from wbscale.data import prepare as prep
+from wbscale.data import shards as shard_format
+from wbscale.data.bpe import train_bpe
 from wbscale.data.loader import (
     TokenShards,
     TrainStream,
     WindowSampler,
     _FeistelPermutation,
-    load_manifest,
     unigram_entropy,
     val_batches,
 )
-from wbscale.data.sources import iter_documents
+from wbscale.data.manifest import load_manifest
+from wbscale.data.shards import dtype_for_vocab
+from wbscale.data.sources import document_split, iter_documents
 from wbscale.data.synthetic import generate_stories
 from wbscale.data.tokenizer import (
     EOT,
     decode,
-    dtype_for_vocab,
     encode,
     eot_id,
     load_tokenizer,
     tokenizer_sha256,
-    train_bpe,
 )
 from wbscale.errors import UserError
 
@@ -58,7 +60,7 @@ def small_cfg(tmp_path: Path, **kw) -> DataConfig:
 
 def expected_text(cfg: DataConfig, split: str) -> str:
     docs = list(iter_documents(cfg))
-    return "".join(d + EOT for i, d in enumerate(docs) if prep.document_split(i, cfg) == split)
+    return "".join(d + EOT for i, d in enumerate(docs) if document_split(i, cfg) == split)
 
 
 def split_text(data_dir: Path, split: str) -> str:
@@ -172,7 +174,7 @@ def test_prepare_resumes_after_a_crash(tmp_path, monkeypatch):
     cfg = small_cfg(tmp_path)
     clean = prep.prepare(small_cfg(tmp_path / "clean"), progress=False)
 
-    real_write, writes = prep.atomic_write_bytes, []
+    real_write, writes = shard_format.atomic_write_bytes, []
 
     def crash_after_five_shards(path, data):
         if path.suffix == ".bin":
@@ -181,7 +183,7 @@ def test_prepare_resumes_after_a_crash(tmp_path, monkeypatch):
             writes.append(path)
         real_write(path, data)
 
-    monkeypatch.setattr(prep, "atomic_write_bytes", crash_after_five_shards)
+    monkeypatch.setattr(shard_format, "atomic_write_bytes", crash_after_five_shards)
     with pytest.raises(KeyboardInterrupt):
         prep.prepare(cfg, progress=False)
     monkeypatch.undo()
@@ -275,7 +277,7 @@ def test_progress_line_only_on_a_terminal(tmp_path, capsys, monkeypatch):
 
 def test_measure_prepare_overhead_reports_both_throughputs():
     cfg = DataConfig(synthetic_documents=200, vocab_size=300, workers=1)
-    result = prep.measure_prepare_overhead(cfg, repeats=1)
+    result = bench_prepare(cfg, repeats=1)
     assert result["raw_encode_batch_tokens_per_second"] > 0
     assert result["prepare_tokens_per_second"] > 0
     assert result["tokens"] > 200 and math.isfinite(result["overhead"])

@@ -24,9 +24,9 @@ import pytest
 import torch
 from helpers import losses, tiny_overrides
 
+from wbscale.ckpt.format import list_checkpoints, read_checkpoint
 from wbscale.config import load_recipe
 from wbscale.errors import UserError
-from wbscale.train.checkpoint import list_checkpoints, read_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 TOL = 1e-5
@@ -250,7 +250,7 @@ def test_two_processes_match_one_process(runs, name):
 @pytest.mark.slow
 def test_zero3_partitions_parameter_and_optimizer_state(runs):
     """Each of 2 ranks holds half of the fp32 weights + Adam moments of the 1-process run."""
-    from wbscale.train.elastic import optimizer_param_names
+    from wbscale.ckpt.elastic import optimizer_param_names
 
     run = runs.get("zero3")
     ckpt = read_checkpoint(run)
@@ -295,7 +295,7 @@ def test_interrupted_zero3_run_resumes_exactly(runs):
 
 
 def _moments_close(a_path: Path, b_path: Path, tol: float = 1e-5) -> None:
-    from wbscale.train.elastic import full_training_state
+    from wbscale.ckpt.elastic import full_training_state
 
     a, b = full_training_state(a_path), full_training_state(b_path)
     assert a["moments"].keys() == b["moments"].keys()
@@ -355,7 +355,7 @@ def test_consolidated_checkpoint_evaluates_like_the_live_model(runs, capsys, tmp
 
 @pytest.mark.slow
 def test_damaged_shard_is_named_and_auto_resume_falls_back(runs, tmp_path, capsys):
-    from wbscale.train.checkpoint import inspect_checkpoint, verify_checkpoint
+    from wbscale.ckpt.format import inspect_checkpoint, verify_checkpoint
     from wbscale.train.fit import resolve_resume
 
     runs.get("zero3")

@@ -15,6 +15,7 @@ import pytest
 import torch
 from helpers import tiny_overrides
 
+from wbscale.ckpt.load import export_folder, load_for_inference
 from wbscale.config import load_recipe
 from wbscale.data.prepare import prepare
 from wbscale.errors import UserError
@@ -30,7 +31,6 @@ from wbscale.interpret.compare import compare
 from wbscale.interpret.readout import readout_scores, token_readout, unit_directions
 from wbscale.interpret.report import build_payload, write_report
 from wbscale.models import build_model
-from wbscale.train.inference import export_folder, load_for_inference
 
 SEQ = 32
 TOKENS = 1000  # 31 full windows of 32 + a tail of 8: exercises the short last batch
@@ -159,7 +159,7 @@ def test_readout_equals_explicit_computation(tiny):
             # atom j of CRATE writes row j of the dictionary (out = z2 W); GPT-2 neuron j
             # writes column j of c_proj.weight (d x 4d)
             if arch == "crate":
-                v = model.transformer.h[1].ista.weight[j]
+                v = model.transformer.h[1].ista.dictionary[j]
             else:
                 v = model.transformer.h[1].mlp.c_proj.weight[:, j]
             v = v.detach().double()

@@ -14,6 +14,7 @@ from wbscale import kernels
 from wbscale.config import ModelConfig
 from wbscale.errors import UserError
 from wbscale.models import CRATE, GPT2, MODEL_CLASSES, build_model, load_published
+from wbscale.models.published import load_published_crate
 
 ista = kernels.ista
 
@@ -68,7 +69,7 @@ def reference_crate_logits(sd: dict, cfg: ModelConfig, idx: torch.Tensor) -> tor
     x = sd["transformer.wte.weight"][idx] + sd["transformer.wpe.weight"][:T]
     for i in range(cfg.n_layer):
         g = lambda name: sd[f"transformer.h.{i}.{name}"]  # noqa: E731, B023
-        h = F.layer_norm(x, (d,), g("prenorm_1.weight"), g("prenorm_1.bias"))
+        h = F.layer_norm(x, (d,), g("ln_1.weight"), g("ln_1.bias"))
         heads = []
         for k in range(K):
             U_k = g("attn.c_attn.weight")[k * p : (k + 1) * p].T  # (d, p)
@@ -76,11 +77,11 @@ def reference_crate_logits(sd: dict, cfg: ModelConfig, idx: torch.Tensor) -> tor
             scores = (W_k @ W_k.transpose(-1, -2) / math.sqrt(p)).masked_fill(~causal, -math.inf)
             heads.append(scores.softmax(-1) @ W_k)
         x = x + torch.cat(heads, -1) @ g("attn.c_proj.weight").T + g("attn.c_proj.bias")
-        h = F.layer_norm(x, (d,), g("prenorm_2.weight"), g("prenorm_2.bias"))
+        h = F.layer_norm(x, (d,), g("ln_2.weight"), g("ln_2.bias"))
         if cfg.ista_variant == "overcomplete":
-            x, _ = published_ista_overcomplete(h, g("ista.weight").T, cfg.ista_eta, cfg.ista_lambda)
+            x, _ = published_ista_overcomplete(h, g("ista.dictionary").T, cfg.ista_eta, cfg.ista_lambda)
         else:
-            x = published_ista_square(h, g("ista.weight"), cfg.ista_eta, cfg.ista_lambda)
+            x = published_ista_square(h, g("ista.dictionary"), cfg.ista_eta, cfg.ista_lambda)
     x = F.layer_norm(x, (d,), sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"])
     return x @ sd["transformer.wte.weight"].T
 
@@ -206,10 +207,10 @@ def test_param_groups_cover_every_parameter_exactly_once(arch):
     assert set(ids) == {id(p) for p in model.parameters()}
     decayed = {id(p) for p in decay["params"]}
     names = {name for name, p in model.named_parameters() if id(p) in decayed}
-    assert all(n.endswith("weight") and "ln" not in n and "prenorm" not in n for n in names), names
+    assert all(n.endswith(("weight", "dictionary")) and "ln" not in n and "prenorm" not in n for n in names), names
     assert id(model.transformer.wte.weight) not in decayed and id(model.transformer.wpe.weight) not in decayed
     if arch == "crate":
-        assert "transformer.h.0.ista.weight" in names and "transformer.h.0.attn.c_attn.weight" in names
+        assert "transformer.h.0.ista.dictionary" in names and "transformer.h.0.attn.c_attn.weight" in names
     torch.optim.AdamW([decay, no_decay], lr=1e-3)  # accepted as is
 
 
@@ -279,7 +280,7 @@ def test_crate_white_box_forward_shapes_and_sparse_codes():
         W = (wb["mssa_input"][i] @ wb["mssa_projection"][i]).view(B, T, K, d // K).transpose(1, 2)
         assert_close(wb["head_projections"][i], W, 1e-6, "head projections")
         assert torch.equal(wb["mssa_projection"][i], block.attn.c_attn.weight.T)
-        _, want_z = ista(block.prenorm_2(wb["mssa_output"][i]), block.ista.weight, kernel="eager", return_code=True)
+        _, want_z = ista(block.ln_2(wb["mssa_output"][i]), block.ista.dictionary, kernel="eager", return_code=True)
         assert_close(z, want_z, 1e-6, "sparse code")
         assert not any(t[i].requires_grad for t in wb.values()), "white-box tensors must be detached"
     square = make(ista_variant="square").white_box_forward(idx)
@@ -299,8 +300,17 @@ def test_gpt2_white_box_forward_shapes():
 # ---------------------------------------------------------------------------- published CRATE import
 
 
+PUBLISHED_NAMES = {".ln_1.": ".prenorm_1.", ".ln_2.": ".prenorm_2.", ".ista.dictionary": ".ista.weight"}
+
+
+def published_name(key: str) -> str:
+    for ours, published in PUBLISHED_NAMES.items():
+        key = key.replace(ours, published)
+    return key
+
+
 def published_checkpoint(model: CRATE, path, bias: bool = True, **extra_args):
-    sd = {f"_orig_mod.{k}": v.clone() for k, v in model.state_dict().items()}
+    sd = {f"_orig_mod.{published_name(k)}": v.clone() for k, v in model.state_dict().items()}
     if not bias:
         sd = {k: v for k, v in sd.items() if not (k.endswith(".bias") and ("norm" in k or "ln_f" in k or "c_proj" in k))}
     c = model.config
@@ -314,7 +324,7 @@ def published_checkpoint(model: CRATE, path, bias: bool = True, **extra_args):
 def test_published_checkpoint_import_gives_identical_logits(tmp_path, variant):
     model = make(ista_variant=variant)
     path = published_checkpoint(model, tmp_path / "ckpt.pt", unknown_arg=3)
-    loaded = CRATE.from_published(path, ista_kernel="eager").eval()
+    loaded = load_published_crate(path, ista_kernel="eager").eval()
     assert loaded.config.ista_variant == variant
     idx = tokens()
     assert torch.equal(loaded(idx)[0], model(idx)[0])
@@ -330,9 +340,23 @@ def test_published_checkpoint_without_biases_loads_with_zero_biases(tmp_path):
             if name.endswith(".bias"):
                 p.zero_()
     path = published_checkpoint(model, tmp_path / "ckpt.pt", bias=False, eta=0.1, lambd=0.1)
-    loaded = CRATE.from_published(path).eval()
+    loaded = load_published_crate(path).eval()
     idx = tokens()
     assert torch.equal(loaded(idx)[0], model(idx)[0])
+
+
+def test_state_dict_under_old_crate_names_still_loads(tmp_path):
+    model = make(ista_variant="overcomplete")
+    old = {published_name(k): v.clone() for k, v in model.state_dict().items()}
+    assert "transformer.h.0.prenorm_1.weight" in old and "transformer.h.1.ista.weight" in old
+    fresh = make(seed=1)
+    fresh.load_state_dict(old)  # strict
+    idx = tokens()
+    assert torch.equal(fresh(idx)[0], model(idx)[0])
+    torch.save({f"model.{k}": v for k, v in old.items()}, tmp_path / "old.pt")
+    wrapped = torch.nn.ModuleDict({"model": make(seed=2)})  # as the Lightning module holds it
+    wrapped.load_state_dict(torch.load(tmp_path / "old.pt", weights_only=True))
+    assert torch.equal(wrapped["model"](idx)[0], model(idx)[0])
 
 
 def test_broken_published_checkpoint_raises_user_error_naming_keys(tmp_path):
@@ -342,15 +366,15 @@ def test_broken_published_checkpoint_raises_user_error_naming_keys(tmp_path):
     args = dict(n_layer=2, n_head=2, n_embd=16, block_size=16, vocab_size=50)
     torch.save({"model": sd, "model_args": args}, tmp_path / "broken.pt")
     with pytest.raises(UserError) as err:
-        CRATE.from_published(tmp_path / "broken.pt")
+        load_published_crate(tmp_path / "broken.pt")
     assert "transformer.h.1.attn.c_proj.weight" in str(err.value)
     assert "transformer.h.1.attn.not_a_weight" in str(err.value)
 
     with pytest.raises(UserError, match="no such checkpoint"):
-        CRATE.from_published(tmp_path / "missing.pt")
+        load_published_crate(tmp_path / "missing.pt")
     torch.save([1, 2, 3], tmp_path / "list.pt")
     with pytest.raises(UserError, match="'model' and 'model_args'"):
-        CRATE.from_published(tmp_path / "list.pt")
+        load_published_crate(tmp_path / "list.pt")
     (tmp_path / "text.pt").write_text("not a checkpoint")
     with pytest.raises(UserError, match="torch.load"):
         load_published(tmp_path / "text.pt")

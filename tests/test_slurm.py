@@ -21,11 +21,11 @@ import yaml
 from helpers import losses, tiny_overrides
 from slurm_cluster import LocalCluster, unavailable
 
+from wbscale.ckpt.format import latest_checkpoint, list_checkpoints
 from wbscale.cli import main
 from wbscale.config import load_recipe
 from wbscale.slurm.preemption import EXIT_NOT_REQUEUED
 from wbscale.slurm.record import read_events
-from wbscale.train.checkpoint import latest_checkpoint, list_checkpoints
 
 JOB_TIMEOUT = 240.0  # one tiny job on a loaded 2-core machine takes well under a minute
 
@@ -155,7 +155,7 @@ def test_dry_run_single_node_script_has_the_srun_and_sbatch_lines(tmp_path, monk
     ]:
         assert line in script.splitlines(), f"missing line {line!r} in:\n{script}"
     assert f"-m wbscale.cli fit --config {run}/recipe.yaml --resume auto --no-progress &" in script
-    assert f"-m wbscale.slurm.record start {run}" in script
+    assert f"-m wbscale.cli slurm record start {run}" in script
     assert "--gpus-per-node" not in script and "--partition" not in script
     assert not run.exists(), "a dry run must not create the run folder"
 

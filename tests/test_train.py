@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from helpers import assert_same_train_losses, losses, tiny_overrides
 
+from wbscale.ckpt.format import latest_checkpoint, list_checkpoints
 from wbscale.config import load_recipe
 from wbscale.errors import UserError
-from wbscale.train.checkpoint import latest_checkpoint, list_checkpoints
 from wbscale.train.fit import fit
 
 

@@ -13,20 +13,55 @@ from pathlib import Path
 from wbscale.errors import UserError
 
 
-def _add_recipe_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    src = p.add_mutually_exclusive_group(required=required)
-    src.add_argument("--config", metavar="PATH", help="recipe YAML file")
-    src.add_argument("--recipe", metavar="NAME", help="name of a recipe under recipes/ (see `wbscale recipes list`)")
+def _recipe_parent() -> argparse.ArgumentParser:
+    """The one ``RECIPE [--set KEY=VALUE …]`` grammar every verb that runs a recipe shares (``parents=``)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.set_defaults(recipe_required=True)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument(
+        "recipe", nargs="?", metavar="RECIPE",
+        help="a recipe name under recipes/ (see `wbscale recipes list`) or a recipe YAML path",
+    )
+    src.add_argument("--config", metavar="PATH", help="the same as RECIPE (older spelling, for a YAML path)")
+    src.add_argument("--recipe", dest="recipe_name", metavar="NAME", help="the same as RECIPE (older spelling, for a name)")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a recipe value, e.g. --set optim.max_lr=3e-4 (repeatable)",
+        help="override a recipe value, e.g. --set optim.max_lr=3e-4 (repeatable; "
+        "with `sweep run`, comma-separated values make an axis of the grid)",
     )
+    return p
+
+
+def _device_parent() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--device", default="auto", help="auto (default: cuda if available, else cpu), cpu, cuda, cuda:N")
+    return p
+
+
+def _recipe_source(args: argparse.Namespace) -> str | None:
+    return args.recipe or args.config or args.recipe_name
 
 
 def _recipe(args: argparse.Namespace):
     from wbscale.config import load_recipe
 
-    return load_recipe(args.config or args.recipe, args.overrides)
+    return load_recipe(_recipe_source(args), args.overrides)
+
+
+def _device(name: str) -> str:
+    """``--device``: ``auto`` is ``cuda`` when CUDA is available, else ``cpu``; anything else as given."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
 
 
 # ---------------------------------------------------------------------------- commands
@@ -35,12 +70,12 @@ def _recipe(args: argparse.Namespace):
 def cmd_fit(args: argparse.Namespace) -> int:
     from wbscale.train.fit import fit, recipe_for_resume, say
 
-    if args.config or args.recipe:
+    if _recipe_source(args):
         recipe = _recipe(args)
     elif args.resume not in ("auto", "never"):
         recipe = recipe_for_resume(Path(args.resume), args.overrides)
     else:
-        raise UserError("fit needs --config PATH or --recipe NAME (or --resume CHECKPOINT to continue a run)")
+        raise UserError("fit needs a RECIPE (a name under recipes/ or a YAML path), or --resume CHECKPOINT to continue a run")
     result = fit(recipe, resume=args.resume, progress=False if args.no_progress else None)
     if not result.already_complete:
         say(f"finished at step {result.step}; run folder: {result.run_dir}")  # rank 0 only
@@ -60,7 +95,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from wbscale.data.loader import val_batches
     from wbscale.train.inference import evaluate, load_for_inference
 
-    model, recipe, _ = load_for_inference(args.ckpt, device=args.device)
+    model, recipe, _ = load_for_inference(args.ckpt, device=_device(args.device))
     data_dir = Path(args.data or recipe.data.out_dir)
     batches = val_batches(data_dir, recipe.model.block_size, args.batch_size, args.batches)
     result = evaluate(model, batches)
@@ -71,7 +106,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from wbscale.train.inference import generate_text, load_for_inference
 
-    model, _, tokenizer = load_for_inference(args.ckpt, tokenizer=args.tokenizer, device=args.device)
+    model, _, tokenizer = load_for_inference(args.ckpt, tokenizer=args.tokenizer, device=_device(args.device))
     if tokenizer is None:
         raise UserError(f"{args.ckpt}: no tokenizer found with this checkpoint; pass --tokenizer PATH/tokenizer.json")
     for i in range(args.num_samples):
@@ -89,7 +124,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     from wbscale.track.checkpoint_metrics import checkpoint_metrics
 
     result = checkpoint_metrics(
-        args.ckpt, data_dir=args.data, out_dir=args.out, batch_size=args.batch_size, device=args.device
+        args.ckpt, data_dir=args.data, out_dir=args.out, batch_size=args.batch_size, device=_device(args.device)
     )
     print(json.dumps(result, indent=2))
     return 0
@@ -118,10 +153,9 @@ def cmd_ckpt_consolidate(args: argparse.Namespace) -> int:
 
 
 def cmd_recipes_check(args: argparse.Namespace) -> int:
-    from wbscale.config import load_recipe
     from wbscale.train.memory import check_recipe, format_report
 
-    report = check_recipe(load_recipe(args.name, args.overrides), nodes=args.nodes, devices=args.devices, gpu=args.gpu)
+    report = check_recipe(_recipe(args), nodes=args.nodes, devices=args.devices, gpu=args.gpu)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0 if report["configured_fits"] or not args.strict else 1
 
@@ -136,8 +170,8 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     if not archs:
         from wbscale.config import load_recipe
 
-        archs = [load_recipe(args.name, overrides).model.arch]
-    reports = bench_archs(args.name, overrides, archs, steps=args.steps, warmup=args.warmup, out_dir=Path(args.out))
+        archs = [load_recipe(_recipe_source(args), overrides).model.arch]
+    reports = bench_archs(_recipe_source(args), overrides, archs, steps=args.steps, warmup=args.warmup, out_dir=Path(args.out))
     for report in reports:  # rank 0 only
         print(format_report(report))
         print(report["path"])
@@ -152,9 +186,43 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_kernels(args: argparse.Namespace) -> int:
-    from wbscale.bench.kernels import main as bench_main
+    from wbscale.bench.kernels import bench_kernels, failed_correctness
 
-    return bench_main(args.rest)
+    path = bench_kernels(
+        variant=args.variant, dtype=args.dtype, tokens=args.tokens, dims=args.d, out_dir=args.out,
+        save_activations=not args.no_save_activations,
+    )
+    print(f"wrote {path}")
+    bad = failed_correctness(path)
+    if bad:
+        print(f"kernel correctness check failed for {len(bad)} shape(s): see {path}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_bench_data(args: argparse.Namespace) -> int:
+    from wbscale.bench.data import bench_prepare
+
+    print(json.dumps(bench_prepare(_recipe(args).data, repeats=args.repeats, workers=args.workers), indent=2))
+    return 0
+
+
+def cmd_bench_bimt(args: argparse.Namespace) -> int:
+    from wbscale.bench.bimt import bench_bimt
+
+    print(json.dumps(bench_bimt(_device(args.device), top_k=args.top_k, batch=args.batch, seq=args.seq), indent=2))
+    return 0
+
+
+def cmd_bench_interpret(args: argparse.Namespace) -> int:
+    from wbscale.bench.interpret import bench_interpret
+
+    result = bench_interpret(
+        args.ckpt, args.data, tokens=args.tokens, batch_size=args.batch_size, device=_device(args.device),
+        repeats=args.repeats, layers=args.layers,
+    )
+    print(json.dumps(result, indent=2))
+    return 0
 
 
 def cmd_bimt_plot(args: argparse.Namespace) -> int:
@@ -167,9 +235,8 @@ def cmd_bimt_plot(args: argparse.Namespace) -> int:
 
 def cmd_bimt_toy(args: argparse.Namespace) -> int:
     from wbscale.bimt.toy import run_toy
-    from wbscale.config import load_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = _recipe(args)
     print(json.dumps(run_toy(recipe.bimt, out_dir=args.out), indent=2))
     return 0
 
@@ -183,9 +250,7 @@ def cmd_recipes_list(args: argparse.Namespace) -> int:
 
 
 def cmd_recipes_show(args: argparse.Namespace) -> int:
-    from wbscale.config import load_recipe
-
-    print(load_recipe(args.name, args.overrides).to_yaml(), end="")
+    print(_recipe(args).to_yaml(), end="")
     return 0
 
 
@@ -193,7 +258,7 @@ def cmd_slurm_submit(args: argparse.Namespace) -> int:
     from wbscale.slurm.submit import submit
 
     result = submit(
-        args.recipe, args.overrides, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+        _recipe_source(args), args.overrides, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
         partition=args.partition, account=args.account, time=args.time, qos=args.qos,
         constraint=args.constraint, array=args.array, site_path=args.site, dry_run=args.dry_run,
     )
@@ -223,6 +288,14 @@ def cmd_slurm_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_slurm_record_start(args: argparse.Namespace) -> int:
+    from wbscale.slurm.record import capture_start
+
+    path = capture_start(Path(args.run_dir))
+    print(f"wbscale: environment of this job written to {path}", file=sys.stderr)
+    return 0
+
+
 def cmd_slurm_cancel(args: argparse.Namespace) -> int:
     from wbscale.slurm.status import cancel, resolve_run
 
@@ -238,7 +311,7 @@ def cmd_interpret_collect(args: argparse.Namespace) -> int:
     manifest = collect(
         args.ckpt, args.out, data_dir=args.data, layers=args.layers, tokens=args.tokens, top_k=args.top_k,
         context=args.context, split=args.split, batch_size=args.batch_size, units=args.units,
-        device=args.device, save_every=args.save_every, force=args.force,
+        device=_device(args.device), save_every=args.save_every, force=args.force,
     )
     print(args.out if manifest.get("status") == "complete" else json.dumps(manifest))
     return 0
@@ -260,15 +333,11 @@ def cmd_interpret_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sweep(args: argparse.Namespace) -> int:
-    if args.recipe == "report":
-        return _sweep_report(args)
-    if args.dir is not None:
-        raise UserError(f"sweep: unexpected argument {args.dir!r} (only `wbscale sweep report DIR` takes a folder)")
+def cmd_sweep_run(args: argparse.Namespace) -> int:
     from wbscale.sweep.grid import SlurmOptions, SweepSpec, parse_grid, run_sweep
 
     fixed, axes = parse_grid(args.overrides, args.arch)
-    spec = SweepSpec(args.recipe, fixed, axes, name=args.name, out=args.out)
+    spec = SweepSpec(_recipe_source(args), fixed, axes, name=args.name, out=args.out)
     slurm = None
     if args.slurm:
         slurm = SlurmOptions(
@@ -294,11 +363,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sweep_report(args: argparse.Namespace) -> int:
+def cmd_sweep_report(args: argparse.Namespace) -> int:
     from wbscale.sweep.report import sweep_report
 
-    if args.dir is None:
-        raise UserError("usage: wbscale sweep report DIR [--out FOLDER] (DIR: a sweep folder, e.g. runs/sweeps/<name>)")
     report = sweep_report(args.dir, args.out)
     for path in report["files"]:
         print(path)
@@ -319,32 +386,36 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wbscale", description="Train and inspect white-box (CRATE) language models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    recipe_args, device_args = _recipe_parent(), _device_parent()
 
-    p = sub.add_parser("fit", help="train (or resume) the run a recipe describes")
-    _add_recipe_args(p, required=False)
+    def recipe_verb(group, name: str, required: bool = True, **kwargs) -> argparse.ArgumentParser:
+        """A verb that runs a recipe: RECIPE (or --config/--recipe) and --set from the shared parent."""
+        p = group.add_parser(name, parents=[recipe_args], **kwargs)
+        p.set_defaults(recipe_required=required, verb_parser=p)
+        return p
+
+    p = recipe_verb(sub, "fit", required=False, help="train (or resume) the run a recipe describes")
     p.add_argument(
         "--resume", default="auto", metavar="auto|never|PATH",
         help="auto (default): continue from the run's newest checkpoint if any; never: refuse to "
-        "reuse a run folder with checkpoints; PATH: a checkpoint folder (its recipe is used if no --config)",
+        "reuse a run folder with checkpoints; PATH: a checkpoint folder (its recipe is used if no RECIPE)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_fit)
 
     data = sub.add_parser("data", help="data preparation").add_subparsers(dest="data_command", required=True)
-    p = data.add_parser("prepare", help="tokenize the recipe's data source into shards + manifest")
-    _add_recipe_args(p)
+    p = recipe_verb(data, "prepare", help="tokenize the recipe's data source into shards + manifest")
     p.add_argument("--force", action="store_true", help="rebuild even if data.out_dir holds data of another config")
     p.set_defaults(func=cmd_data_prepare)
 
-    p = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint")
+    p = sub.add_parser("eval", parents=[device_args], help="validation loss and perplexity of a checkpoint")
     p.add_argument("--ckpt", required=True, help="checkpoint folder, run folder, or export folder")
     p.add_argument("--data", help="prepared data folder (default: the one the checkpoint was trained on)")
     p.add_argument("--batches", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("generate", help="sample text from a checkpoint")
+    p = sub.add_parser("generate", parents=[device_args], help="sample text from a checkpoint")
     p.add_argument("--ckpt", required=True, help="checkpoint folder, run folder, or export folder")
     p.add_argument("--prompt", default="Once upon a time")
     p.add_argument("--max-new-tokens", type=int, default=100)
@@ -353,21 +424,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's)")
-    p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("metrics", help="white-box metrics (sparsity, coding rate, …) of a checkpoint")
+    p = sub.add_parser(
+        "metrics", parents=[device_args], help="white-box metrics (sparsity, coding rate, …) of a checkpoint"
+    )
     p.add_argument("--ckpt", required=True, help="checkpoint folder, run folder, or export folder")
     p.add_argument("--data", help="prepared data folder (default: the one the checkpoint was trained on)")
     p.add_argument("--out", help="output folder for whitebox.json and PNGs (default: <ckpt>-whitebox next to it)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_metrics)
 
     interpret = sub.add_parser(
         "interpret", help="white-box inspection: top contexts and token readout of every ISTA atom / MLP neuron"
     ).add_subparsers(dest="interpret_command", required=True)
-    p = interpret.add_parser("collect", help="stream held-out tokens; keep each unit's top-k contexts, frequency, readout")
+    p = interpret.add_parser(
+        "collect", parents=[device_args],
+        help="stream held-out tokens; keep each unit's top-k contexts, frequency, readout",
+    )
     p.add_argument("--ckpt", required=True, help="checkpoint folder, run folder, or export folder")
     p.add_argument("--data", help="prepared data folder (default: the one the checkpoint was trained on)")
     p.add_argument("--out", required=True, help="output folder (re-running the same command resumes into it)")
@@ -380,7 +454,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ista: CRATE dictionary atoms; mlp: GPT-2 MLP neurons; auto: by model")
     p.add_argument("--batch-size", type=int, default=8, help="windows of block_size tokens per forward pass")
     p.add_argument("--save-every", type=int, default=64, help="batches between state saves (resume points)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--force", action="store_true", help="start over even if --out holds a (partial) collection")
     p.set_defaults(func=cmd_interpret_collect)
     p = interpret.add_parser("report", help="write one self-contained static HTML page of a collection")
@@ -412,19 +485,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.set_defaults(func=cmd_ckpt_consolidate)
 
-    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
-    p = bench.add_parser("kernels", help="time the ISTA kernels (see `wbscale bench kernels -h`)", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+    bench = sub.add_parser("bench", help="benchmarks: kernels, train, data, bimt, interpret").add_subparsers(
+        dest="bench_command", required=True
+    )
+    p = bench.add_parser(
+        "kernels", help="the fused ISTA kernels against eager, torch.compile and the GEMM floor (CPU: correctness only)",
+        description="On CUDA: times forward, backward and forward+backward of eager, torch.compile, the fused "
+        "Triton kernels and the GEMM floor for every (tokens, d), with peak memory; writes JSON + Markdown. "
+        "Without a GPU: a correctness sweep under the Triton interpreter, no timings. Exit status 1 when the "
+        "correctness check fails.",
+    )
+    p.add_argument("--variant", choices=("overcomplete", "square"), default="overcomplete")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    p.add_argument("--tokens", type=_int_list, default=[4096, 16384, 65536], help="e.g. 4096,16384")
+    p.add_argument("--d", type=_int_list, default=[512, 768, 1024, 1600], help="e.g. 512,768")
+    p.add_argument("--out", type=Path, default=Path("bench/results"), help="results folder (default bench/results)")
+    p.add_argument("--no-save-activations", action="store_true", help="recompute the codes in backward")
     p.set_defaults(func=cmd_bench_kernels)
-    p = bench.add_parser("train", help="training throughput of a recipe (tokens/s, step time, memory, MFU)")
-    p.add_argument("name", help="recipe name or YAML path")
+    p = recipe_verb(bench, "train", help="training throughput of a recipe (tokens/s, step time, memory, MFU)")
     p.add_argument("--steps", type=int, default=20, help="optimizer steps to run (default 20)")
     p.add_argument("--arch", help="comma-separated architectures to run back to back, e.g. crate,gpt2 (same recipe otherwise)")
     p.add_argument("--warmup", type=int, default=2, help="first steps not timed (default 2)")
     p.add_argument("--devices", type=int, help="processes/GPUs per node (sets distributed.devices)")
     p.add_argument("--out", default="bench/results", help="results folder (default bench/results)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_bench_train)
+    p = recipe_verb(
+        bench, "data", help="`data prepare`'s tokenize pass vs raw tokenizers encode_batch on the recipe's data (JSON)",
+        description="Tokens/s of the pass `wbscale data prepare` runs (workers, id arrays, shards, sha256, fsynced "
+        "writes) against the tokenizer's own multi-threaded encode_batch over the same in-memory documents; "
+        "the two alternate and the best of each counts. Writes nothing under data.out_dir.",
+    )
+    p.add_argument("--repeats", type=int, default=3, help="alternating rounds, best of each counts (default 3)")
+    p.add_argument("--workers", type=int, help="worker processes (default: data.workers; 0: one per CPU core)")
+    p.set_defaults(func=cmd_bench_data)
+    p = bench.add_parser(
+        "bimt", parents=[device_args],
+        help="BIMT timings at GPT-2 124M shape (random weights): swap rounds, cost gradient vs a train step (JSON)",
+    )
+    p.add_argument("--top-k", type=int, default=32, help="swap candidates per neuron (default 32)")
+    p.add_argument("--batch", type=int, default=1, help="sequences per train step (default 1)")
+    p.add_argument("--seq", type=int, default=1024, help="tokens per sequence (default 1024)")
+    p.set_defaults(func=cmd_bench_bimt)
+    p = bench.add_parser(
+        "interpret", parents=[device_args],
+        help="`interpret collect` throughput vs a plain forward over the same tokens (JSON)",
+    )
+    p.add_argument("--ckpt", required=True, help="checkpoint folder, run folder, or export folder")
+    p.add_argument("--data", help="prepared data folder (default: the one the checkpoint was trained on)")
+    p.add_argument("--tokens", type=int, default=16384, help="tokens to stream (default 16384)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=2, help="best of this many alternating rounds (default 2)")
+    p.add_argument("--layers", help="comma-separated layers (default: all)")
+    p.set_defaults(func=cmd_bench_interpret)
 
     bimt = sub.add_parser("bimt", help="brain-inspired modular training: plots, toy").add_subparsers(
         dest="bimt_command", required=True
@@ -434,10 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="PNG to write (default: <ckpt>-connectivity.png next to it)")
     p.add_argument("--top", type=int, default=200, help="strongest connections drawn per layer (default 200)")
     p.set_defaults(func=cmd_bimt_plot)
-    p = bimt.add_parser("toy", help="BIMT vs plain training of a small MLP (recipes/bimt-toy-*.yaml), CPU")
-    p.add_argument("recipe", metavar="RECIPE", help="recipe YAML file or name under recipes/")
+    p = recipe_verb(bimt, "toy", help="BIMT vs plain training of a small MLP (recipes/bimt-toy-*.yaml), CPU")
     p.add_argument("--out", help="output folder (default: the recipe's bimt.toy.out_dir)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_bimt_toy)
 
     recipes = sub.add_parser("recipes", help="the recipes shipped under recipes/").add_subparsers(
@@ -446,56 +556,54 @@ def build_parser() -> argparse.ArgumentParser:
     p = recipes.add_parser("list", help="table of recipes: model, parameters, tokens, data, target val loss")
     p.add_argument("--json", action="store_true", help="print the table as JSON (with each target's source)")
     p.set_defaults(func=cmd_recipes_list)
-    p = recipes.add_parser("show", help="print a recipe fully resolved")
-    p.add_argument("name")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p = recipe_verb(recipes, "show", help="print a recipe fully resolved")
     p.set_defaults(func=cmd_recipes_show)
-    p = recipes.add_parser("check", help="parameters, FLOPs/token and per-GPU memory per ZeRO stage: does it fit?")
-    p.add_argument("name", help="recipe name or YAML path")
+    p = recipe_verb(recipes, "check", help="parameters, FLOPs/token and per-GPU memory per ZeRO stage: does it fit?")
     p.add_argument("--nodes", type=int, help="nodes (default: distributed.nodes)")
     p.add_argument("--devices", type=int, help="GPUs per node (default: distributed.devices)")
     p.add_argument("--gpu", default="h100-80gb", help="h100-80gb (default), a100-80gb, a100-40gb, h200-141gb, l40s-48gb, …")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--strict", action="store_true", help="exit 1 when the recipe's configuration does not fit")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_recipes_check)
 
-    p = sub.add_parser(
-        "sweep", help="train a grid of recipe overrides (CRATE vs GPT-2 scaling); `wbscale sweep report DIR` plots it",
-        description="wbscale sweep RECIPE --set model.n_layer=2,4 --set model.n_embd=64,128 --arch crate,gpt2 "
-        "trains every combination, one run each, in runs/sweeps/<name>/. "
-        "wbscale sweep report DIR writes scaling.png, scaling.md and scaling.json for a sweep folder.",
-    )
-    p.add_argument("recipe", metavar="RECIPE|report", help="recipe YAML file or name under recipes/; or `report`")
-    p.add_argument("dir", nargs="?", metavar="DIR", help="with `report`: the sweep folder")
-    p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=V1,V2,…",
-        help="an axis of the grid (two or more comma-separated values) or a value for every point (repeatable)",
+    sweep = sub.add_parser(
+        "sweep", help="train a grid of recipe overrides (CRATE vs GPT-2 scaling) and plot it",
+        description="wbscale sweep run RECIPE … trains a grid; wbscale sweep report DIR plots a sweep folder. "
+        "`wbscale sweep RECIPE …` is short for `wbscale sweep run RECIPE …`.",
+    ).add_subparsers(dest="sweep_command", required=True, metavar="{run,report}")
+    p = recipe_verb(
+        sweep, "run", help="train every combination of the grid, one run each, in runs/sweeps/<name>/",
+        description="wbscale sweep run RECIPE --set model.n_layer=2,4 --set model.n_embd=64,128 --arch crate,gpt2 "
+        "trains every combination, one run each, in runs/sweeps/<name>/. A --set with two or more "
+        "comma-separated values is an axis of the grid; one with a single value applies to every point.",
     )
     p.add_argument("--arch", metavar="A,B", help="shorthand for --set model.arch=A,B (e.g. crate,gpt2)")
     p.add_argument("--name", help="sweep name (default: the recipe's name); runs go to <runs_dir>/sweeps/<name>/")
-    p.add_argument("--out", metavar="FOLDER", help="sweep folder (default runs/sweeps/<name>); with `report`: where the report goes (default DIR)")
+    p.add_argument("--out", metavar="FOLDER", help="sweep folder (default runs/sweeps/<name>)")
     p.add_argument("--dry-run", action="store_true", help="list the points (with --slurm: print the job scripts); run nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--slurm", action="store_true", help="submit one SLURM job per point instead of training here")
     for flag, kind in (("--nodes", int), ("--gpus-per-node", int), ("--partition", str), ("--account", str),
                        ("--time", str), ("--qos", str), ("--constraint", str), ("--site", str)):
         p.add_argument(flag, type=kind, help="with --slurm: as for `wbscale slurm submit`")
-    p.set_defaults(func=cmd_sweep)
+    p.set_defaults(func=cmd_sweep_run)
+    p = sweep.add_parser("report", help="scaling.png, scaling.md and scaling.json of a sweep folder")
+    p.add_argument("dir", metavar="DIR", help="the sweep folder, e.g. runs/sweeps/<name>")
+    p.add_argument("--out", metavar="FOLDER", help="where the report goes (default DIR)")
+    p.set_defaults(func=cmd_sweep_report)
 
     p = sub.add_parser("doctor", help="check this machine: torch/CUDA/GPUs, bf16, NCCL, Triton, DeepSpeed, SLURM, wandb, disk")
     p.add_argument("--runs-dir", default="runs", help="the runs folder whose disk space is checked (default runs)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_doctor)
 
-    slurm = sub.add_parser("slurm", help="run on a SLURM cluster: submit, status, cancel").add_subparsers(
+    slurm = sub.add_parser("slurm", help="run on a SLURM cluster: submit, status, cancel (record: for job scripts)").add_subparsers(
         dest="slurm_command", required=True
     )
-    p = slurm.add_parser("submit", help="render the job script for a recipe and sbatch it")
-    p.add_argument("recipe", metavar="RECIPE", help="recipe YAML file or name under recipes/")
-    p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a recipe value (repeatable); saved with the run, so requeued jobs see it too",
+    p = recipe_verb(
+        slurm, "submit", help="render the job script for a recipe and sbatch it",
+        description="Renders the job script for RECIPE and submits it with sbatch. The --set overrides are "
+        "saved with the run, so requeued jobs see them too.",
     )
     p.add_argument("--nodes", type=int, help="nodes (default: the recipe's distributed.nodes)")
     p.add_argument("--gpus-per-node", type=int, help="GPUs per node, one task each (default: distributed.devices)")
@@ -517,12 +625,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN", help="run folder or run name")
     p.add_argument("--runs-dir", default="runs", help="where run names are looked up (default: runs)")
     p.set_defaults(func=cmd_slurm_cancel)
+    record = slurm.add_parser(
+        "record", help="the run's job record; called by the job scripts `slurm submit` renders"
+    ).add_subparsers(dest="record_command", required=True)
+    p = record.add_parser(
+        "start", help="called by the job script at each job start, not by hand",
+        description="Called by the job scripts `wbscale slurm submit` renders, at each start of the job "
+        "(first start and every requeue): writes RUN_DIR/slurm/env-<job>-<restart>.json (host, GPUs, "
+        "SLURM variables, git commit, versions) and a `start` event to RUN_DIR/slurm_jobs.jsonl.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run folder")
+    p.set_defaults(func=cmd_slurm_record_start)
     return parser
+
+
+SWEEP_COMMANDS = ("run", "report")
+
+
+def _expand_aliases(argv: list[str]) -> list[str]:
+    """``wbscale sweep RECIPE …`` is the older spelling of ``wbscale sweep run RECIPE …``."""
+    if len(argv) >= 2 and argv[0] == "sweep" and argv[1] not in (*SWEEP_COMMANDS, "-h", "--help"):
+        return ["sweep", "run", *argv[1:]]
+    return argv
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_expand_aliases(sys.argv[1:] if argv is None else list(argv)))
+    if args.__dict__.get("recipe_required") and not _recipe_source(args):
+        args.verb_parser.error("the following arguments are required: RECIPE (a name under recipes/ or a YAML path)")
     try:
         return args.func(args)
     except UserError as err:

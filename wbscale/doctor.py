@@ -61,7 +61,7 @@ def check_python() -> Check:
 
 
 def check_wbscale() -> Check:
-    from wbscale.sweep.report import git_commit
+    from wbscale.provenance import commit_label as git_commit
 
     version = _version("wbscale") or "?"
     commit = git_commit()
@@ -333,7 +333,7 @@ def _meminfo() -> dict[str, float]:
 
 
 def check_host() -> Check:
-    from wbscale.sweep.report import cpu_model
+    from wbscale.provenance import cpu_model
 
     cores = os.cpu_count() or 0
     try:

@@ -21,7 +21,6 @@ imported), prints the errors against the float64 reference and writes them to JS
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import json
 import os
@@ -35,7 +34,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["bench_kernels", "correctness_sweep", "gemm_units", "main"]
+__all__ = ["bench_kernels", "correctness_sweep", "failed_correctness", "gemm_units"]
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 IMPLS = ("eager", "compile", "triton", "floor")
@@ -527,51 +526,6 @@ def _print_sweep(rows: list[dict[str, Any]]) -> None:
         )
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from err
-
-
-def main(argv: list[str] | None = None) -> int:
-    """CLI: ``wbscale bench kernels [--variant] [--dtype] [--tokens] [--d] [--out]``.
-
-    Exit code 0, or 1 when the correctness check before the timings (or the CPU sweep) fails.
-    """
-    parser = argparse.ArgumentParser(
-        prog="wbscale bench kernels", description=__doc__.splitlines()[0]
-    )
-    parser.add_argument("--variant", choices=("overcomplete", "square"), default="overcomplete")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    parser.add_argument(
-        "--tokens", type=_int_list, default=[4096, 16384, 65536], help="e.g. 4096,16384"
-    )
-    parser.add_argument("--d", type=_int_list, default=[512, 768, 1024, 1600], help="e.g. 512,768")
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
-    parser.add_argument(
-        "--no-save-activations", action="store_true", help="recompute the codes in backward"
-    )
-    args = parser.parse_args(argv)
-    path = bench_kernels(
-        variant=args.variant,
-        dtype=args.dtype,
-        tokens=args.tokens,
-        dims=args.d,
-        out_dir=args.out,
-        save_activations=not args.no_save_activations,
-    )
-    print(f"wrote {path}")
-    bad = [r for r in json.loads(path.read_text())["correctness"] if not r["ok"]]
-    if bad:
-        print(
-            f"kernel correctness check failed for {len(bad)} shape(s): see {path}", file=sys.stderr
-        )
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def failed_correctness(path: Path) -> list[dict[str, Any]]:
+    """The correctness rows of a written report that failed (``wbscale bench kernels`` exits 1 then)."""
+    return [r for r in json.loads(Path(path).read_text())["correctness"] if not r["ok"]]

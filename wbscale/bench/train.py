@@ -18,12 +18,9 @@ line in each process, or torchrun/srun start them); rank 0 writes the report.
 from __future__ import annotations
 
 import dataclasses
-import os
-import platform
 import re
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,7 +30,10 @@ import lightning as L
 import torch
 
 from wbscale.config import Recipe
+from wbscale.hardware import device_peak_flops
 from wbscale.io import atomic_write_json, atomic_write_text
+from wbscale.provenance import device_name, git_commit, package_versions
+from wbscale.sizing import tokens_per_step as tokens_per_step_of
 
 RESULTS_DIR = Path("bench/results")
 
@@ -73,48 +73,14 @@ class StepTimer(L.Callback):
         self.peaks = [int(v) for v in gathered.flatten().tolist()]
 
 
-def device_name(accelerator: str) -> str:
-    """The GPU's name, or the CPU model with its core count."""
-    if accelerator == "gpu" and torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    model = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model} ({os.cpu_count()} cores)"
-
-
-def _versions() -> dict[str, str | None]:
-    import importlib.metadata as md
-
-    out: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__}
-    for pkg in ("lightning", "deepspeed", "triton"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def _git_commit() -> str | None:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def bench_train(recipe: Recipe, steps: int, warmup: int = 2, out_dir: Path = RESULTS_DIR) -> dict[str, Any] | None:
     """Train ``steps`` optimizer steps and report throughput; rank 0 returns the report."""
+    from wbscale.ckpt.elastic import AccumulationChange
     from wbscale.train.datamodule import TokenDataModule
-    from wbscale.train.fit import accelerator_for, ensure_data, precision_for, resolve_vocab
-    from wbscale.train.module import LMModule, device_peak_flops
-    from wbscale.train.strategy import build_strategy, strategy_callbacks
+    from wbscale.train.fit import ensure_data, resolve_vocab
+    from wbscale.train.module import LMModule
+    from wbscale.train.parallel import parallelize
+    from wbscale.train.trainer import accelerator_for, build_trainer, precision_for
 
     if steps <= warmup:
         from wbscale.errors import UserError
@@ -129,33 +95,17 @@ def bench_train(recipe: Recipe, steps: int, warmup: int = 2, out_dir: Path = RES
     timer = StepTimer()
     module = LMModule(recipe)
     t, d = recipe.train, recipe.distributed
-    trainer = L.Trainer(
-        accelerator=accelerator,
-        devices=d.devices,
-        num_nodes=d.nodes,
-        strategy=build_strategy(recipe, accelerator, precision),
-        precision=precision,
-        max_steps=steps,
-        accumulate_grad_batches=t.grad_accum,
-        gradient_clip_val=recipe.optim.grad_clip or None,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        callbacks=[timer, *strategy_callbacks(recipe)],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        default_root_dir=str(out_dir / ".runs"),
+    strategy = parallelize(module.model, recipe, accelerator, precision)
+    trainer = build_trainer(
+        recipe, accelerator=accelerator, precision=precision, strategy=strategy,
+        callbacks=[timer, AccumulationChange()], root_dir=out_dir / ".runs", validate=False,
     )
-    if t.compile:
-        module.model.compile()
     trainer.fit(module, datamodule=TokenDataModule(recipe, data_dir))
     if not trainer.is_global_zero:
         return None
     timed = timer.step_times[warmup:]
     world = trainer.world_size
-    tokens_per_step = t.micro_batch_size * t.grad_accum * recipe.model.block_size * world
+    tokens_per_step = tokens_per_step_of(recipe, world)
     mean = statistics.fmean(timed)
     tokens_per_second = tokens_per_step / mean
     flops = module.model.flops_per_token(recipe.model.block_size)
@@ -185,8 +135,8 @@ def bench_train(recipe: Recipe, steps: int, warmup: int = 2, out_dir: Path = RES
         "flops_per_token": flops,
         "mfu": flops * tokens_per_second / (peak * world) if peak else None,
         "peak_memory_bytes": timer.peaks,
-        "versions": _versions(),
-        "git_commit": _git_commit(),
+        "versions": package_versions(("torch", "lightning", "deepspeed", "triton")),
+        "git_commit": git_commit(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join(sys.argv),
     }

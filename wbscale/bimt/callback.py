@@ -1,6 +1,6 @@
 """BIMT as a Lightning callback: cost gradient, swap rounds, metrics, pruning at the end.
 
-The model and ``training_step`` stay untouched (STYLE.md: BIMT is a callback):
+The model and ``training_step`` stay untouched (docs/architecture.md: BIMT is a callback):
 
 - Loss term: ``on_before_optimizer_step`` adds ``lam * d(cost)/dw`` (closed form,
   :func:`wbscale.bimt.cost.add_cost_gradient`) to the gradients. Lightning calls it once per
@@ -41,7 +41,10 @@ from wbscale.bimt.cost import add_cost_gradient, cost_gradient, lambda_at, modul
 from wbscale.bimt.geometry import Geometry, geometry_from_config, tensor
 from wbscale.bimt.prune import prune_
 from wbscale.bimt.swaps import apply_permutation, compose, decide_swaps
+from wbscale.dist import StrategyInfo, strategy_info
 from wbscale.errors import UserError
+from wbscale.ranks import say
+from wbscale.track.step_metrics import log_step_metrics
 
 REPORT_FILE = "bimt.json"
 PERMUTATIONS_FILE = "bimt-permutations.json"
@@ -51,15 +54,6 @@ EXPORT_DIR = "bimt-pruned"
 def _lm(pl_module: pl.LightningModule) -> nn.Module:
     model = getattr(pl_module, "model", pl_module)
     return getattr(model, "_orig_mod", model)
-
-
-def _say(msg: str) -> None:
-    import sys
-
-    from wbscale.launch import launch_rank
-
-    if launch_rank() == 0:
-        print(f"[wbscale] bimt: {msg}", file=sys.stderr, flush=True)
 
 
 @torch.no_grad()
@@ -116,7 +110,7 @@ class BIMTCallback(Callback):
         self.last_round: dict[str, float] = {}
         self.report: dict[str, Any] | None = None
         self._last_metrics_step = -1
-        self._deepspeed = False
+        self._strategy = StrategyInfo(deepspeed=False, zero_stage=None)
         self._hooks: list[Any] = []
         self._hook_coef = 0.0
 
@@ -134,37 +128,21 @@ class BIMTCallback(Callback):
         if stage != "fit":
             return
         model = _lm(pl_module)
-        if self.cfg.init_from:
-            # before the strategy wraps the model; a resumed run overwrites it from its checkpoint
-            self._load_init(model)
         self.geom = geometry_from_config(model, self.cfg)
         for g in self.geom.swappable():
             self.permutations.setdefault(g.name, torch.arange(g.units))
-        from lightning.pytorch.strategies import DeepSpeedStrategy
-
-        self._deepspeed = isinstance(trainer.strategy, DeepSpeedStrategy)
-        if self._deepspeed:
-            config = getattr(trainer.strategy, "config", None) or {}
-            stage_ = config.get("zero_optimization", {}).get("stage", 0)
-            if stage_ >= 3:
-                raise UserError(
-                    "bimt under DeepSpeed ZeRO-3 is not supported (parameters are sharded, so "
-                    "neither the cost gradient nor the swaps can see full weights); use "
-                    "distributed.strategy: ddp, or deepspeed with distributed.zero_stage 1 or 2"
-                )
-            if config.get("fp16", {}).get("enabled"):
-                raise UserError("bimt under DeepSpeed needs train.precision bf16-mixed or 32 (not 16-mixed)")
-
-    def _load_init(self, model: nn.Module) -> None:
-        from wbscale.models.base import load_checked
-        from wbscale.train.inference import load_for_inference
-
-        source, _, _ = load_for_inference(self.cfg.init_from)
-        load_checked(model, source.state_dict(), self.cfg.init_from)
-        _say(f"initial weights from {self.cfg.init_from}")
+        self._strategy = strategy_info(trainer.strategy)
+        if self._strategy.params_sharded:
+            raise UserError(
+                "bimt under DeepSpeed ZeRO-3 is not supported (parameters are sharded, so "
+                "neither the cost gradient nor the swaps can see full weights); use "
+                "distributed.strategy: ddp, or deepspeed with distributed.zero_stage 1 or 2"
+            )
+        if self._strategy.deepspeed and self._strategy.fp16:
+            raise UserError("bimt under DeepSpeed needs train.precision bf16-mixed or 32 (not 16-mixed)")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._deepspeed:
+        if not self._strategy.grads_in_params:
             self._register_gradient_hooks(trainer, _lm(pl_module))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -177,7 +155,7 @@ class BIMTCallback(Callback):
         return lambda_at(self.cfg.lambda_phases, step, self.max_steps)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        if not self._deepspeed:
+        if self._strategy.grads_in_params:
             add_cost_gradient(_lm(pl_module), self.geom, self.lam(trainer.global_step))
 
     def _register_gradient_hooks(self, trainer: pl.Trainer, model: nn.Module) -> None:
@@ -245,7 +223,7 @@ class BIMTCallback(Callback):
             raise RuntimeError(f"bimt: ranks disagree after swap round {self.round} (weight fingerprints {values})")
 
     def _apply(self, trainer: pl.Trainer, model: nn.Module, group: str, perm: Tensor) -> None:
-        if self._deepspeed:
+        if self._strategy.deepspeed:  # the fp32 master partitions and their moments too
             from wbscale.bimt.zero import apply_permutation_zero
 
             apply_permutation_zero(trainer, model, self.geom, group, perm)
@@ -254,9 +232,7 @@ class BIMTCallback(Callback):
 
     # ------------------------------------------------------------------ metrics
     def _log(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+        log_step_metrics(trainer, metrics)
 
     def metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         model = _lm(pl_module)
@@ -285,8 +261,8 @@ class BIMTCallback(Callback):
     @torch.no_grad()
     def prune_and_report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         from wbscale.data.loader import val_batches
+        from wbscale.inference import evaluate
         from wbscale.io import atomic_write_json
-        from wbscale.train.inference import evaluate
 
         model = copy.deepcopy(_lm(pl_module)).float().eval()
         batches = val_batches(self.data_dir, self.block_size or model.config.block_size, self.val_batch_size, self.val_batches)
@@ -315,14 +291,15 @@ class BIMTCallback(Callback):
             "bimt/prune/val_loss_before": before, "bimt/prune/val_loss_after": after,
             "bimt/prune/connections_kept": float(counts["kept"]),
         })
-        _say(
+        say(
             f"pruned |w| < {self.cfg.prune_threshold:g}: kept {counts['kept']} of {counts['total']} "
-            f"connections; val loss {before:.4f} -> {after:.4f} ({self.run_dir / REPORT_FILE})"
+            f"connections; val loss {before:.4f} -> {after:.4f} ({self.run_dir / REPORT_FILE})",
+            topic="bimt",
         )
         return report
 
     def _export(self, model: nn.Module) -> Path:
-        from wbscale.train.inference import export_folder
+        from wbscale.ckpt.load import export_folder
 
         recipe = self.recipe
         # the export holds the weights: sizes from the model, no hub id, no init_from

@@ -15,7 +15,7 @@ A :class:`Geometry` is a description, not a copy of the weights: it names
 Positions are fixed per slot; a swap permutes the weights instead of moving coordinates, so
 the distance matrices are the same for every layer of the same shape and are computed once.
 
-Builders: :func:`lm_geometry` (GPT-2 and CRATE language models, by parameter name) and
+Builders: :func:`lm_geometry` (GPT-2 and CRATE, from the model's ``layer_roles()``) and
 ``wbscale.bimt.toy.mlp_geometry`` (the toy MLP). Residual-stream dimensions are ONE group
 shared by every layer: embeddings, every LayerNorm, every reader and writer of the stream.
 """
@@ -175,20 +175,21 @@ def lm_geometry(
     reduction: str = "sum",
     bias_penalty: bool = False,
 ) -> Geometry:
-    """The geometry of a wbscale GPT-2 or CRATE language model (parameter names as in
-    ``wbscale.models``). ``maps`` selects the weights in the cost, ``units`` the groups that swap.
+    """The geometry of a wbscale language model, from its ``layer_roles()`` (which parameter
+    is which map; ``wbscale.models.base.LayerRoles``). ``maps`` selects the weights in the
+    cost, ``units`` the groups that swap.
 
     Per layer i the plot panel stacks: residual (y=0) -> heads (1) -> residual (2) ->
     MLP neurons / ISTA atoms (3) -> residual (4).
     """
+    if not callable(getattr(model, "layer_roles", None)):
+        raise UserError(
+            f"BIMT needs a wbscale language model (model.arch gpt2 or crate), got {type(model).__name__}"
+        )
     cfg = model.config
     d, n_head, n_layer = cfg.n_embd, cfg.n_head, cfg.n_layer
-    arch = cfg.arch
-    if arch not in ("gpt2", "crate"):
-        raise UserError(f"BIMT supports model.arch gpt2 and crate (got {arch!r})")
-    square = arch == "crate" and cfg.ista_variant == "square"
-    h = "transformer.h"
 
+    # The shared skeleton (wbscale.models.base): embeddings and the final norm.
     residual_targets = [
         PermTarget("transformer.wte.weight", 1),  # the tied LM head is the same tensor
         PermTarget("transformer.wpe.weight", 1),
@@ -197,75 +198,59 @@ def lm_geometry(
     ]
     groups: dict[str, Group] = {}
     conns: list[Connection] = []
-    for i in range(n_layer):
-        p = f"{h}.{i}"
-        norms = ("ln_1", "ln_2") if arch == "gpt2" else ("prenorm_1", "prenorm_2")
-        for norm in norms:
-            residual_targets += [PermTarget(f"{p}.{norm}.weight", 0), PermTarget(f"{p}.{norm}.bias", 0)]
-        residual_targets += [
-            PermTarget(f"{p}.attn.c_attn.weight", 1),
-            PermTarget(f"{p}.attn.c_proj.weight", 0),
-            PermTarget(f"{p}.attn.c_proj.bias", 0),
-        ]
-        # heads as blocks of head_dim neurons: q, k, v rows of c_attn and c_proj's columns
-        qkv = 3 if arch == "gpt2" else 1  # CRATE: one projection U, q = k = v
-        head_targets = [PermTarget(f"{p}.attn.c_attn.weight", 0, qkv), PermTarget(f"{p}.attn.c_proj.weight", 1)]
-        if arch == "gpt2":
-            head_targets.append(PermTarget(f"{p}.attn.c_attn.bias", 0, qkv))
+    for i, roles in enumerate(model.layer_roles()):
+        for norm in roles.norms:
+            residual_targets += [PermTarget(f"{norm}.weight", 0), PermTarget(f"{norm}.bias", 0)]
+        attn_in, attn_out, qkv = roles.attn_in, roles.attn_out, roles.qkv_slices
+        residual_targets += [PermTarget(attn_in.weight, 1), PermTarget(attn_out.weight, 0)]
+        if attn_out.bias is not None:
+            residual_targets.append(PermTarget(attn_out.bias, 0))
+        # heads as blocks of head_dim neurons: each slice's rows of attn_in, attn_out's columns
+        head_targets = [PermTarget(attn_in.weight, 0, qkv), PermTarget(attn_out.weight, 1)]
+        if attn_in.bias is not None:
+            head_targets.append(PermTarget(attn_in.bias, 0, qkv))
         groups[f"heads.{i}"] = Group(
             f"heads.{i}", "heads", n_head, d // n_head, swappable="heads" in units,
             targets=tuple(head_targets), layer=i,
         )
         if "attention" in maps:
             conns += [
-                Connection(f"{p}.attn.c_attn.weight", f"heads.{i}", "residual", row_tile=qkv, layer=i,
-                           bias=f"{p}.attn.c_attn.bias" if arch == "gpt2" else None, plot=(i, 1, 0),
-                           label="c_attn"),
-                Connection(f"{p}.attn.c_proj.weight", "residual", f"heads.{i}", layer=i,
-                           bias=f"{p}.attn.c_proj.bias", plot=(i, 2, 1), label="attn c_proj"),
+                Connection(attn_in.weight, f"heads.{i}", "residual", row_tile=qkv, layer=i,
+                           bias=attn_in.bias, plot=(i, 1, 0), label=attn_in.label),
+                Connection(attn_out.weight, "residual", f"heads.{i}", layer=i,
+                           bias=attn_out.bias, plot=(i, 2, 1), label=attn_out.label),
             ]
-        if arch == "gpt2":
-            m = 4 * d
-            residual_targets += [
-                PermTarget(f"{p}.mlp.c_fc.weight", 1),
-                PermTarget(f"{p}.mlp.c_proj.weight", 0),
-                PermTarget(f"{p}.mlp.c_proj.bias", 0),
-            ]
-            groups[f"hidden.{i}"] = Group(
-                f"hidden.{i}", "hidden", m, swappable="hidden" in units, layer=i,
-                targets=(
-                    PermTarget(f"{p}.mlp.c_fc.weight", 0),
-                    PermTarget(f"{p}.mlp.c_fc.bias", 0),
-                    PermTarget(f"{p}.mlp.c_proj.weight", 1),
-                ),
-            )
-            if "hidden" in maps:
-                conns += [
-                    Connection(f"{p}.mlp.c_fc.weight", f"hidden.{i}", "residual", layer=i,
-                               bias=f"{p}.mlp.c_fc.bias", plot=(i, 3, 2), label="c_fc"),
-                    Connection(f"{p}.mlp.c_proj.weight", "residual", f"hidden.{i}", layer=i,
-                               bias=f"{p}.mlp.c_proj.bias", plot=(i, 4, 3), label="mlp c_proj"),
-                ]
+
+        # Hidden units read rows of hidden_in and write columns of hidden_out. CRATE's ISTA
+        # dictionary is both (no hidden_out): one matrix, counted once in the cost.
+        hidden_in, hidden_out = roles.hidden_in, roles.hidden_out
+        residual_targets.append(PermTarget(hidden_in.weight, 1))
+        if hidden_out is not None:
+            residual_targets.append(PermTarget(hidden_out.weight, 0))
+            if hidden_out.bias is not None:
+                residual_targets.append(PermTarget(hidden_out.bias, 0))
+        hidden_side = [PermTarget(hidden_in.weight, 0)]
+        if hidden_in.bias is not None:
+            hidden_side.append(PermTarget(hidden_in.bias, 0))
+        if hidden_out is not None:
+            hidden_side.append(PermTarget(hidden_out.weight, 1))
+        if roles.hidden_is_residual:
+            # Unit k IS residual dimension k (square ISTA: the code replaces x), so the
+            # units move only with the residual stream (rows and columns together).
+            residual_targets += hidden_side
+            hidden = "residual"
         else:
-            # The ISTA dictionary W (m, d) is the encoder (x W^T) and the decoder (z W) at
-            # once: its rows are the atoms. One matrix, counted once in the cost.
-            residual_targets.append(PermTarget(f"{p}.ista.weight", 1))
-            if square:
-                # m = d and the code replaces x: atom k IS residual dimension k, so atoms
-                # move only with the residual stream (rows and columns together).
-                residual_targets.append(PermTarget(f"{p}.ista.weight", 0))
-                if "hidden" in maps:
-                    conns.append(Connection(f"{p}.ista.weight", "residual", "residual", layer=i,
-                                            plot=(i, 3, 2), label="dictionary"))
-            else:
-                m = cfg.ista_expansion * d
-                groups[f"hidden.{i}"] = Group(
-                    f"hidden.{i}", "hidden", m, swappable="hidden" in units, layer=i,
-                    targets=(PermTarget(f"{p}.ista.weight", 0),),
-                )
-                if "hidden" in maps:
-                    conns.append(Connection(f"{p}.ista.weight", f"hidden.{i}", "residual", layer=i,
-                                            plot=(i, 3, 2), label="dictionary"))
+            hidden = f"hidden.{i}"
+            groups[hidden] = Group(
+                hidden, "hidden", roles.hidden_units, swappable="hidden" in units, layer=i,
+                targets=tuple(hidden_side),
+            )
+        if "hidden" in maps:
+            conns.append(Connection(hidden_in.weight, hidden, "residual", layer=i, bias=hidden_in.bias,
+                                    plot=(i, 3, 2), label=hidden_in.label))
+            if hidden_out is not None:
+                conns.append(Connection(hidden_out.weight, "residual", hidden, layer=i, bias=hidden_out.bias,
+                                        plot=(i, 4, 3), label=hidden_out.label))
     groups["residual"] = Group(
         "residual", "residual", d, swappable="residual" in units, targets=tuple(residual_targets)
     )

@@ -109,7 +109,7 @@ def plot_checkpoint(ckpt: str | Path, out_png: str | Path, top: int = 200) -> di
     folder (geometry from its recipe's ``bimt`` section)."""
     from wbscale.bimt.cost import modularity_metrics
     from wbscale.bimt.geometry import geometry_from_config
-    from wbscale.train.inference import load_for_inference
+    from wbscale.ckpt.load import load_for_inference
 
     model, recipe, _ = load_for_inference(ckpt)
     geom = geometry_from_config(model, recipe.bimt)

@@ -1,4 +1,4 @@
-"""Data pipeline: sources -> tokenizer -> token shards -> deterministic loader.
+"""Data pipeline: sources -> tokenizer -> token shards + manifest -> deterministic loader.
 
 Public API (imported lazily, so ``import wbscale.data`` stays cheap and tokenizer
 worker processes never import torch). ``prepare()`` itself is
@@ -7,11 +7,15 @@ worker processes never import torch). ``prepare()`` itself is
     iter_documents(cfg) -> Iterator[str]                       # sources
     generate_stories(n, seed) -> list[str]                     # synthetic
     prepare_data(cfg, progress=True, force=False) -> PrepareReport
-    measure_prepare_overhead(cfg) -> dict
     load_tokenizer(data_dir), eot_id(tok), encode, decode      # tokenizer
     tokenizer_sha256(path)
-    load_manifest(data_dir, verify=True) -> dict               # loader
-    TokenShards, WindowSampler, TrainStream, val_batches, unigram_entropy
+    load_manifest(data_dir, verify=True) -> dict               # manifest
+    TokenShards, WindowSampler, TrainStream, val_batches, unigram_entropy   # loader
+
+Modules, lowest first (each imports only those above it): ``synthetic``, ``sources``
+(documents, train/val split), ``tokenizer`` (loading), ``shards`` (the shard format and
+writer), ``bpe`` (tokenizer training), ``manifest``, ``loader``, ``prepare`` (the
+orchestration). The prepare benchmark is :func:`wbscale.bench.data.bench_prepare`.
 """
 
 from __future__ import annotations
@@ -31,12 +35,11 @@ _EXPORTS = {
     "tokenizer_sha256": "tokenizer",
     "PrepareReport": "prepare",
     "config_fingerprint": "prepare",
-    "measure_prepare_overhead": "prepare",
     "prepare_data": "prepare",
     "TokenShards": "loader",
     "TrainStream": "loader",
     "WindowSampler": "loader",
-    "load_manifest": "loader",
+    "load_manifest": "manifest",
     "unigram_entropy": "loader",
     "val_batches": "loader",
 }

@@ -1,4 +1,4 @@
-"""Reading prepared token shards: manifest checks, memory maps, a stateless sampler.
+"""Reading prepared token shards: memory maps, a stateless sampler, train/val batches.
 
 Sampling is a pure function of a *global sample index* ``g`` (the number of training
 windows drawn before this one, summed over all ranks): ``g`` -> epoch ``g // N`` and
@@ -10,7 +10,6 @@ same global sequence of samples among the ranks.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,79 +17,19 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from wbscale.data.prepare import (
-    FORMAT,
-    FORMAT_VERSION,
-    MANIFEST_FILE,
-    SPLITS,
-    STATE_FILE,
-    check_shard,
-)
-from wbscale.data.tokenizer import TOKENIZER_FILE
+from wbscale.data.manifest import load_manifest
+from wbscale.data.shards import SPLITS, map_shard
 from wbscale.errors import UserError
-from wbscale.io import sha256_file
 
 __all__ = [
     "TokenShards",
     "TrainStream",
     "WindowSampler",
-    "load_manifest",
     "unigram_entropy",
     "val_batches",
 ]
 
-_PREPARE_HINT = "run `wbscale data prepare --config <recipe>` first"
 _MASK64 = (1 << 64) - 1
-
-
-def load_manifest(data_dir: str | Path, verify: bool = True) -> dict[str, Any]:
-    """Read ``manifest.json``; check every shard's size, and its sha256 if ``verify``."""
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise UserError(f"data folder '{data_dir}' does not exist: {_PREPARE_HINT}")
-    path = data_dir / MANIFEST_FILE
-    if not path.is_file():
-        if (data_dir / STATE_FILE).is_file():
-            raise UserError(
-                f"data in '{data_dir}' is not finished (prepare was interrupted): re-run "
-                "`wbscale data prepare --config <recipe>`; it resumes where it stopped"
-            )
-        raise UserError(f"no {MANIFEST_FILE} in '{data_dir}': {_PREPARE_HINT}")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(
-            f"{path} is not valid JSON ({err}); delete it and re-run "
-            "`wbscale data prepare --config <recipe>`"
-        ) from None
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise UserError(
-            f"{path}: format {manifest.get('format')!r} version "
-            f"{manifest.get('format_version')!r}, this wbscale reads {FORMAT!r} version "
-            f"{FORMAT_VERSION}. Prepare the data again into a new data.out_dir."
-        )
-    itemsize = np.dtype(manifest["dtype"]).itemsize
-    for split in SPLITS:
-        for record in manifest["splits"][split]["shards"]:
-            if verify:
-                problem = check_shard(data_dir, record, itemsize)
-            else:
-                shard = data_dir / record["file"]
-                ok = shard.is_file() and shard.stat().st_size == record["tokens"] * itemsize
-                problem = None if ok else "missing or wrong size"
-            if problem:
-                raise UserError(
-                    f"corrupt shard {data_dir / record['file']} ({problem}): delete it and "
-                    "re-run `wbscale data prepare --config <recipe>`, which rebuilds it"
-                )
-    if verify:
-        tok = data_dir / TOKENIZER_FILE
-        if not tok.is_file() or sha256_file(tok) != manifest["tokenizer_sha256"]:
-            raise UserError(
-                f"{tok} is missing or differs from the one the shards were made with: "
-                "delete it and re-run `wbscale data prepare --config <recipe>`"
-            )
-    return manifest
 
 
 class TokenShards:
@@ -116,7 +55,7 @@ class TokenShards:
         # Opened on first use, so the object pickles cheaply into DataLoader workers.
         if self._maps is None:
             self._maps = [
-                np.memmap(self.data_dir / r["file"], dtype=self.dtype, mode="r", shape=(n,))
+                map_shard(self.data_dir / r["file"], self.dtype, n)
                 for r, n in zip(self.records, self.sizes, strict=True)
             ]
         return self._maps

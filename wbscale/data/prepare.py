@@ -3,34 +3,26 @@
 Output folder (``data.out_dir``)::
 
     tokenizer.json          the tokenizer (trained BPE, or a byte copy of data.tokenizer)
-    train_000000.bin ...    flat little-endian token ids (uint16 if vocab < 65536 else
-    val_000000.bin ...      uint32); every document is followed by the EOT token
-    manifest.json           written last; see ``_manifest`` for the fields
+    train_000000.bin ...    the token shards (format: :mod:`wbscale.data.shards`)
+    val_000000.bin ...
+    manifest.json           written last (fields: :mod:`wbscale.data.manifest`)
 
-Shard ``k`` of a split holds tokens ``[k * shard_tokens, (k + 1) * shard_tokens)`` of
-that split's token stream (documents in source order, each followed by EOT), so all
-shards but the last are full, and each shard records where it starts and ends
-(``[document index, token offset]``). A crashed or damaged run re-tokenizes only the
-documents of missing or corrupt shards (plus the unfinished tail) and rewrites only
-shards whose checksum differs; a finished folder with the same config is left alone.
-
-Train/val split: by document, systematic sampling with a seeded phase
-(``_val_mask``): document ``i`` is in val iff ``floor((i+1)f + u) > floor(i f + u)``, so
-any ``n`` documents give ``floor(n f + u)`` val documents, at least one once ``n f >= 1``.
+This module is the orchestration: the folder lock, the parallel tokenize pass (worker
+processes feeding the shard writers in document order), then the manifest. A crashed
+or damaged run re-tokenizes only the documents of missing or corrupt shards (plus the
+unfinished tail) and rewrites only shards whose checksum differs; a finished folder
+with the same config is left alone. The train/val split of the documents is
+:func:`wbscale.data.sources.val_mask`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import multiprocessing
 import os
-import random
-import shutil
 import sys
-import tempfile
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -44,46 +36,56 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from wbscale import __version__
 from wbscale.config import DataConfig
-from wbscale.data.sources import iter_documents, source_files, source_kind
+from wbscale.data.bpe import BPE_TRAIN_MAX_CHARS, bpe_training_text, train_bpe
+from wbscale.data.manifest import (
+    MANIFEST_FILE,
+    STATE_FILE,
+    build_manifest,
+    manifest_intact,
+    manifest_summary,
+    read_json_or_none,
+    write_manifest,
+    write_state,
+)
+from wbscale.data.shards import (
+    FORMAT_VERSION,
+    SPLITS,
+    SourceChanged,
+    SplitShards,
+    dtype_for_vocab,
+    shard_glob,
+)
+from wbscale.data.sources import (
+    iter_chunks,
+    iter_documents,
+    source_fingerprint,
+    val_mask,
+    val_phase,
+)
 from wbscale.data.tokenizer import (
     TOKENIZER_FILE,
-    dtype_for_vocab,
     eot_id,
     load_tokenizer_file,
     tokenizer_path,
-    train_bpe,
     vocab_size,
 )
 from wbscale.errors import UserError
-from wbscale.io import atomic_write_bytes, atomic_write_json, sha256_file
+from wbscale.io import atomic_write_bytes, sha256_file
 
 __all__ = [
-    "FORMAT_VERSION",
-    "MANIFEST_FILE",
-    "SPLITS",
+    "LOCK_FILE",
+    "PassStats",
     "PrepareReport",
-    "check_shard",
     "config_fingerprint",
-    "measure_prepare_overhead",
+    "new_tokenizer",
     "prepare",
     "prepare_data",
-    "document_split",
+    "tokenize_pass",
+    "worker_count",
 ]
 
-FORMAT = "wbscale-token-shards"
-FORMAT_VERSION = 1
-MANIFEST_FILE = "manifest.json"
-STATE_FILE = ".prepare-state.json"  # progress of an unfinished run; removed at the end
 LOCK_FILE = ".prepare.lock"
-SPLITS = ("train", "val")
-# BPE merges stop improving long before this; it bounds training time on web-scale sources.
-BPE_TRAIN_MAX_CHARS = 1 << 30
-# A task of ~0.5M characters keeps a worker busy ~0.3 s: long next to the pickling cost,
-# short enough that a slow last chunk does not leave the other workers idle for long.
-_CHUNK_CHARS = 1 << 19
-_CHUNK_DOCS = 8192
 
 
 # ---------------------------------------------------------------------------- config
@@ -103,272 +105,12 @@ def config_fingerprint(cfg: DataConfig) -> dict[str, Any]:
         "shard_tokens": cfg.shard_tokens,
         "seed": cfg.seed,
     }
-    kind = source_kind(cfg.source)
-    if kind == "synthetic":
-        fp["synthetic_documents"] = cfg.synthetic_documents
-    elif kind == "hf":
-        fp.update(hf_config=cfg.hf_config, hf_split=cfg.hf_split, text_field=cfg.text_field)
-    else:
-        files = source_files(cfg.source)
-        root = Path(cfg.source).expanduser()
-        suffixes = {p.suffix.lower() for p in files}
-        if suffixes & {".jsonl", ".parquet"}:
-            fp["text_field"] = cfg.text_field
-        if ".txt" in suffixes:
-            fp["separator"] = cfg.separator
-        fp["source_files"] = [
-            [p.name if p == root else str(p.relative_to(root)), p.stat().st_size] for p in files
-        ]
+    fp.update(source_fingerprint(cfg))
     if cfg.tokenizer == "bpe":
         fp.update(tokenizer="bpe", vocab_size=cfg.vocab_size, bpe_train_max_chars=BPE_TRAIN_MAX_CHARS)
     else:
         fp.update(tokenizer="file", tokenizer_sha256=sha256_file(tokenizer_path(cfg.tokenizer)))
     return fp
-
-
-def _val_phase(seed: int) -> float:
-    # str seeds go through sha512 in random.Random: stable across Python versions.
-    return random.Random(f"wbscale-val-split:{seed}").random()
-
-
-def _val_mask(index: np.ndarray, fraction: float, phase: float) -> np.ndarray:
-    i = np.asarray(index, dtype=np.float64)
-    return np.floor((i + 1) * fraction + phase) > np.floor(i * fraction + phase)
-
-
-def document_split(index: int, cfg: DataConfig) -> str:
-    """``"train"`` or ``"val"``: the split of the ``index``-th document of ``cfg.source``."""
-    return "val" if _val_mask(np.array([index]), cfg.val_fraction, _val_phase(cfg.seed))[0] else "train"
-
-
-# ---------------------------------------------------------------------------- shards
-
-
-def shard_name(split: str, k: int) -> str:
-    return f"{split}_{k:06d}.bin"
-
-
-def check_shard(data_dir: Path, record: dict[str, Any], itemsize: int) -> str | None:
-    """Why the shard file of ``record`` is unusable, or None if its size and sha256 match."""
-    path = Path(data_dir) / record["file"]
-    if not path.is_file():
-        return "missing"
-    size = path.stat().st_size
-    if size != record["tokens"] * itemsize:
-        return f"size {size} bytes, expected {record['tokens'] * itemsize}"
-    if sha256_file(path) != record["sha256"]:
-        return "sha256 mismatch"
-    return None
-
-
-@dataclass
-class _Job:
-    """A run of shards to (re)generate: documents ``start[0]..end_doc`` of one split."""
-
-    first: int  # first shard index
-    stop: int | None  # one past the last shard index; None: until the documents run out
-    start: tuple[int, int]  # (document index, tokens of that document to skip)
-    end_doc: int | None
-
-
-class _SplitShards:
-    """Cuts one split's token stream into shards; writes only what is missing or wrong.
-
-    The buffer holds, per buffered document, its index, the offset of its first buffered
-    token within the document, and its buffered length, so every cut knows the exact
-    ``[document, offset]`` where a shard starts and ends.
-    """
-
-    def __init__(
-        self,
-        split: str,
-        out_dir: Path,
-        dtype: np.dtype,
-        shard_tokens: int,
-        records: list[dict[str, Any]],
-        complete: bool,
-    ) -> None:
-        self.split = split
-        self.out_dir = out_dir
-        self.dtype = dtype
-        self.shard_tokens = shard_tokens
-        self.records = [dict(r) for r in records]
-        self.valid = [check_shard(out_dir, r, dtype.itemsize) is None for r in self.records]
-        self.complete = complete
-        self.jobs = self._plan()
-        self._job_starts = np.array([j.start[0] for j in self.jobs], dtype=np.int64)
-        self._job_ends = np.array(
-            [j.end_doc if j.end_doc is not None else np.iinfo(np.int64).max for j in self.jobs],
-            dtype=np.int64,
-        )
-        self.shards_written = 0
-        self._job: int | None = None
-        self._k = 0
-        self._reset_buffer()
-
-    def _plan(self) -> list[_Job]:
-        jobs: list[_Job] = []
-        n, k = len(self.records), 0
-        while k < n:
-            if self.valid[k]:
-                k += 1
-                continue
-            j = k
-            while j < n and not self.valid[j]:
-                j += 1
-            start = self.records[k]["start"]
-            jobs.append(_Job(k, j, (start[0], start[1]), self.records[j - 1]["end"][0]))
-            k = j
-        if not self.complete:
-            start = tuple(self.records[-1]["end"]) if self.records else (0, 0)
-            jobs.append(_Job(n, None, (start[0], start[1]), None))
-        merged: list[_Job] = []
-        for job in jobs:
-            # Jobs sharing a document become one, so every document feeds at most one job;
-            # the good shards in between are regenerated and then found equal by checksum.
-            prev = merged[-1] if merged else None
-            if prev is not None and prev.end_doc is not None and job.start[0] <= prev.end_doc:
-                prev.stop, prev.end_doc = job.stop, job.end_doc
-            else:
-                merged.append(job)
-        return merged
-
-    # -- dispatch side: which documents need tokenizing
-
-    def jobs_of(self, docs: np.ndarray) -> np.ndarray:
-        """Job index needing each document (ascending indices of this split), -1 if none."""
-        if not self.jobs:
-            return np.full(len(docs), -1, dtype=np.int64)
-        j = np.searchsorted(self._job_starts, docs, side="right") - 1
-        inside = (j >= 0) & (docs <= self._job_ends[np.maximum(j, 0)])
-        return np.where(inside, j, -1)
-
-    def needs_after(self, doc: int) -> bool:
-        """Whether any document after ``doc`` may still be needed."""
-        return bool(len(self.jobs)) and int(self._job_ends[-1]) > doc
-
-    # -- result side: tokens of needed documents, in document order
-
-    def _reset_buffer(self) -> None:
-        self._ids: list[np.ndarray] = []
-        self._bases: list[np.ndarray] = []
-        self._lens: list[np.ndarray] = []
-        self._toks: list[np.ndarray] = []
-        self._buffered = 0
-
-    def feed(self, job: int, docs: np.ndarray, lengths: np.ndarray, tokens: np.ndarray) -> None:
-        """Tokens of consecutive documents of this split, all needed by ``job``."""
-        if job != self._job:
-            self._finish_job()
-            self._job, self._k = job, self.jobs[job].first
-            self._reset_buffer()
-        spec = self.jobs[job]
-        if spec.stop is not None and self._k >= spec.stop:
-            return
-        bases = np.zeros(len(docs), dtype=np.int64)
-        if docs[0] == spec.start[0] and spec.start[1]:
-            # The job starts inside this document: its head is in the previous shard.
-            skip = spec.start[1]
-            tokens, lengths, bases = tokens[skip:], lengths.copy(), bases
-            lengths[0] -= skip
-            bases[0] = skip
-        self._ids.append(docs)
-        self._bases.append(bases)
-        self._lens.append(lengths)
-        self._toks.append(tokens)
-        self._buffered += len(tokens)
-        while self._buffered and self._buffered >= self._target():
-            self._cut(self._target())
-            if spec.stop is not None and self._k >= spec.stop:
-                self._reset_buffer()
-                break
-
-    def _target(self) -> int:
-        if self._k < len(self.records):
-            return int(self.records[self._k]["tokens"])
-        return self.shard_tokens
-
-    def _finish_job(self) -> None:
-        if self._job is None:
-            return
-        spec = self.jobs[self._job]
-        if spec.stop is None:
-            if self._buffered:
-                self._cut(self._buffered)
-        elif self._k < spec.stop:
-            raise _SourceChanged(shard_name(self.split, self._k))
-
-    def finish(self) -> None:
-        """Flush the last partial shard; check every recorded shard was reproduced."""
-        self._finish_job()
-        self._job = None
-        if not all(self.valid):
-            raise _SourceChanged(shard_name(self.split, self.valid.index(False)))
-
-    def _cut(self, n: int) -> None:
-        def cat(parts: list[np.ndarray]) -> np.ndarray:
-            return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-        ids, bases, lens, toks = (cat(x) for x in (self._ids, self._bases, self._lens, self._toks))
-        ends = np.cumsum(lens)
-        j = int(np.searchsorted(ends, n))  # the document holding the shard's last token
-        take = n - (int(ends[j - 1]) if j else 0)
-        first = int(np.argmax(lens > 0))  # a fully skipped document holds no token
-        start = (int(ids[first]), int(bases[first]))
-        end = (int(ids[j]), int(bases[j]) + take)
-        if take < lens[j]:
-            keep = slice(j, None)
-            bases, lens = bases[keep].copy(), lens[keep].copy()
-            bases[0] += take
-            lens[0] -= take
-            ids = ids[keep]
-        else:
-            ids, bases, lens = ids[j + 1:], bases[j + 1:], lens[j + 1:]
-        self._ids, self._bases, self._lens, self._toks = [ids], [bases], [lens], [toks[n:]]
-        self._buffered -= n
-        self._emit(self._k, toks[:n], start, end)
-        self._k += 1
-
-    def _emit(self, k: int, data: np.ndarray, start: tuple[int, int], end: tuple[int, int]) -> None:
-        payload = data.astype(self.dtype, copy=False).tobytes()
-        record = {
-            "file": shard_name(self.split, k),
-            "tokens": len(data),
-            "sha256": hashlib.sha256(payload).hexdigest(),
-            "start": list(start),
-            "end": list(end),
-        }
-        path = self.out_dir / record["file"]
-        if k < len(self.records):
-            if self.records[k] != record:
-                raise _SourceChanged(record["file"])
-            if self.valid[k]:
-                return
-            atomic_write_bytes(path, payload)
-            self.valid[k] = True
-        else:
-            self.records.append(record)
-            self.valid.append(True)
-            # Written by a run that crashed before recording it: found by checksum.
-            if check_shard(self.out_dir, record, self.dtype.itemsize) is None:
-                self.on_shard()
-                return
-            atomic_write_bytes(path, payload)
-        self.shards_written += 1
-        self.on_shard()
-
-    def on_shard(self) -> None:  # replaced by the owner to save progress
-        pass
-
-    @property
-    def tokens(self) -> int:
-        return sum(int(r["tokens"]) for r in self.records)
-
-
-class _SourceChanged(Exception):
-    def __init__(self, shard: str) -> None:
-        super().__init__(shard)
-        self.shard = shard
 
 
 # ---------------------------------------------------------------------------- workers
@@ -435,7 +177,9 @@ class _Progress:
 
 
 @dataclass
-class _PassStats:
+class PassStats:
+    """What one :func:`tokenize_pass` did."""
+
     documents: int = 0
     documents_tokenized: int = 0
     tokens: int = 0
@@ -467,43 +211,31 @@ def _start_pool(n: int, tok: Tokenizer, eot: int, dtype: np.dtype) -> ProcessPoo
     return pool
 
 
-def _n_workers(workers: int) -> int:
+def worker_count(workers: int) -> int:
+    """Worker processes for ``data.workers`` (0: one per CPU core)."""
     return workers if workers > 0 else (os.cpu_count() or 1)
 
 
-def _chunks(docs: Iterable[str]) -> Iterator[list[str]]:
-    texts: list[str] = []
-    chars = 0
-    for text in docs:
-        texts.append(text)
-        chars += len(text)
-        if chars >= _CHUNK_CHARS or len(texts) >= _CHUNK_DOCS:
-            yield texts
-            texts, chars = [], 0
-    if texts:
-        yield texts
-
-
-def _tokenize_pass(
+def tokenize_pass(
     docs: Iterable[str],
     tok: Tokenizer,
     eot: int,
-    writers: dict[str, _SplitShards],
+    writers: dict[str, SplitShards],
     val_fraction: float,
     seed: int,
     workers: int,
     progress: _Progress | None = None,
     stop_early: bool = False,
-) -> _PassStats:
+) -> PassStats:
     """Stream ``docs`` through the workers into the shard writers, in document order.
 
     The main process only routes: per chunk of documents it decides (vectorised) which
     are needed by which split's job, ships those texts to a worker, and hands the returned
     id arrays to the writers, so the workers keep all cores busy tokenizing.
     """
-    stats = _PassStats(workers=_n_workers(workers))
+    stats = PassStats(workers=worker_count(workers))
     dtype = writers[SPLITS[0]].dtype
-    phase = _val_phase(seed)
+    phase = val_phase(seed)
     counts = dict.fromkeys(SPLITS, 0)
     t0 = time.perf_counter()
     pool: ProcessPoolExecutor | None = None
@@ -542,11 +274,11 @@ def _tokenize_pass(
 
     try:
         first = 0
-        for texts in _chunks(docs):
+        for texts in iter_chunks(docs):
             index = np.arange(first, first + len(texts), dtype=np.int64)
             first += len(texts)
             stats.documents = first
-            is_val = _val_mask(index, val_fraction, phase)
+            is_val = val_mask(index, val_fraction, phase)
             n_val = int(is_val.sum())
             counts["val"] += n_val
             counts["train"] += len(texts) - n_val
@@ -619,17 +351,17 @@ def prepare_data(cfg: DataConfig, progress: bool = True, force: bool = False) ->
     out.mkdir(parents=True, exist_ok=True)
     with _locked(out):
         _remove_temp_files(out)
-        manifest = _read_json(out / MANIFEST_FILE)
-        state = _read_json(out / STATE_FILE)
+        manifest = read_json_or_none(out / MANIFEST_FILE)
+        state = read_json_or_none(out / STATE_FILE)
         prior = manifest if manifest is not None else state
         if prior is not None and prior.get("fingerprint") != fingerprint:
             if not force:
                 raise UserError(_changed_message(out, prior.get("fingerprint") or {}, fingerprint))
             _clear(out)
             manifest = state = prior = None
-        if manifest is not None and _intact(out, manifest):
+        if manifest is not None and manifest_intact(out, manifest):
             report = PrepareReport(out, up_to_date=True, documents=int(manifest["documents"]))
-            print(f"data in {out} is up to date ({_totals(manifest)}); nothing to do", file=sys.stderr)
+            print(f"data in {out} is up to date ({manifest_summary(manifest)}); nothing to do", file=sys.stderr)
             return report
         return _build(cfg, out, fingerprint, manifest, prior, progress)
 
@@ -650,7 +382,7 @@ def _build(
     dtype = dtype_for_vocab(n_vocab)
     complete = manifest is not None
     writers = {
-        split: _SplitShards(
+        split: SplitShards(
             split,
             out,
             dtype,
@@ -669,8 +401,7 @@ def _build(
     }
 
     def save_state() -> None:
-        splits = {s: {"shards": w.records} for s, w in writers.items()}
-        atomic_write_json(out / STATE_FILE, {**header, "complete": False, "splits": splits})
+        write_state(out, header, writers)
 
     for w in writers.values():
         w.on_shard = save_state  # type: ignore[method-assign]
@@ -680,9 +411,9 @@ def _build(
     try:
         if not any(w.jobs for w in writers.values()):
             # Only the tokenizer needed replacing, and it came out the same.
-            stats = _PassStats(workers=0)
+            stats = PassStats(workers=0)
         else:
-            stats = _tokenize_pass(
+            stats = tokenize_pass(
                 iter_documents(cfg),
                 tok,
                 eot,
@@ -693,7 +424,7 @@ def _build(
                 bar,
                 stop_early=complete,  # document counts are in the manifest already
             )
-    except _SourceChanged as err:
+    except SourceChanged as err:
         raise UserError(
             f"data.source '{cfg.source}' no longer gives the documents that {out} was "
             f"prepared from ({err.shard} differs). Re-run with --force to prepare it again "
@@ -711,16 +442,16 @@ def _build(
         if not writers[split].records:
             _clear(out)  # unusable, and a fixed config would be refused as a change
             raise UserError(_empty_split_message(cfg, split, stats.documents))
-    new_manifest = _manifest(cfg, header, writers, doc_counts)
+    new_manifest = build_manifest(cfg, header, writers, doc_counts)
     if new_manifest != manifest:  # after a repair it usually is the same: leave it be
-        atomic_write_json(out / MANIFEST_FILE, new_manifest)
+        write_manifest(out, new_manifest)
     with contextlib.suppress(FileNotFoundError):
         (out / STATE_FILE).unlink()
 
     written = sum(w.shards_written for w in writers.values())
     rate = stats.tokens / stats.seconds if stats.seconds > 0 else 0.0
     print(
-        f"prepared {out}: {_totals(new_manifest)}; tokenized {stats.documents_tokenized:,} "
+        f"prepared {out}: {manifest_summary(new_manifest)}; tokenized {stats.documents_tokenized:,} "
         f"documents ({stats.tokens:,} tokens) in {stats.seconds:.1f}s = "
         f"{rate / 1e6:.2f}M tokens/s with {stats.workers} workers; {written} shards written",
         file=sys.stderr,
@@ -738,52 +469,14 @@ def _build(
     )
 
 
-def _manifest(
-    cfg: DataConfig,
-    header: dict[str, Any],
-    writers: dict[str, _SplitShards],
-    doc_counts: dict[str, int],
-) -> dict[str, Any]:
-    splits = {
-        s: {"shards": w.records, "tokens": w.tokens, "documents": doc_counts[s]}
-        for s, w in writers.items()
-    }
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "created_by": f"wbscale {__version__}",
-        "source": cfg.source,
-        "tokenizer": {
-            "file": TOKENIZER_FILE,
-            "kind": "bpe" if cfg.tokenizer == "bpe" else "file",
-            "from": cfg.tokenizer,
-        },
-        **header,
-        "shard_tokens": cfg.shard_tokens,
-        "documents": sum(doc_counts.values()),
-        "splits": splits,
-    }
-
-
-def _totals(manifest: dict[str, Any]) -> str:
-    sp = manifest["splits"]
-    n = sum(len(sp[s]["shards"]) for s in SPLITS)
-    return (
-        f"{sp['train']['tokens']:,} train + {sp['val']['tokens']:,} val tokens, "
-        f"{manifest['documents']:,} documents, {n} shards"
-    )
-
-
-def _intact(out: Path, manifest: dict[str, Any]) -> bool:
-    itemsize = np.dtype(manifest["dtype"]).itemsize
-    tok_path = out / TOKENIZER_FILE
-    if not tok_path.is_file() or sha256_file(tok_path) != manifest.get("tokenizer_sha256"):
-        return False
-    return all(
-        check_shard(out, r, itemsize) is None
-        for s in SPLITS
-        for r in manifest["splits"][s]["shards"]
-    )
+def new_tokenizer(cfg: DataConfig) -> tuple[Tokenizer, bytes]:
+    """The tokenizer ``cfg`` asks for (BPE trained on the train split, or the file) and
+    the bytes of its ``tokenizer.json``."""
+    if cfg.tokenizer == "bpe":
+        tok = train_bpe(bpe_training_text(cfg), cfg.vocab_size)
+        return tok, tok.to_str(pretty=True).encode("utf-8")
+    tok = load_tokenizer_file(cfg.tokenizer)
+    return tok, tokenizer_path(cfg.tokenizer).read_bytes()  # a byte copy: same sha256 as the user's file
 
 
 def _ensure_tokenizer(
@@ -792,30 +485,10 @@ def _ensure_tokenizer(
     path = out / TOKENIZER_FILE
     if prior is not None and path.is_file() and sha256_file(path) == prior.get("tokenizer_sha256"):
         return load_tokenizer_file(path), prior["tokenizer_sha256"]
-    if cfg.tokenizer == "bpe":
-        tok = train_bpe(_bpe_training_text(cfg), cfg.vocab_size)
-        payload = tok.to_str(pretty=True).encode("utf-8")
-    else:
-        tok = load_tokenizer_file(cfg.tokenizer)
-        payload = tokenizer_path(cfg.tokenizer).read_bytes()  # a byte copy: same sha256 as the user's file
+    tok, payload = new_tokenizer(cfg)
     eot_id(tok)  # no end-of-document token: fail before writing anything
     atomic_write_bytes(path, payload)
     return tok, hashlib.sha256(payload).hexdigest()
-
-
-def _bpe_training_text(cfg: DataConfig) -> Iterator[str]:
-    """The training split's documents (val is never seen by the tokenizer), capped."""
-    phase, chars, first = _val_phase(cfg.seed), 0, 0
-    for texts in _chunks(iter_documents(cfg)):
-        index = np.arange(first, first + len(texts))
-        first += len(texts)
-        for text, is_val in zip(texts, _val_mask(index, cfg.val_fraction, phase).tolist(), strict=True):
-            if is_val:
-                continue
-            yield text
-            chars += len(text)
-            if chars >= BPE_TRAIN_MAX_CHARS:
-                return
 
 
 def _changed_message(out: Path, old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -848,14 +521,6 @@ def _empty_split_message(cfg: DataConfig, split: str, n_docs: int) -> str:
     )
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-        return None  # written atomically, so unreadable means foreign: start over
-    return data if isinstance(data, dict) else None
-
-
 def _remove_temp_files(out: Path) -> None:
     # Left by a crashed run (io.atomic_write_* names them .<file>.tmp-<pid>); we hold the
     # lock, so no live writer owns them.
@@ -865,7 +530,7 @@ def _remove_temp_files(out: Path) -> None:
 
 
 def _clear(out: Path) -> None:
-    for pattern in ("train_*.bin", "val_*.bin", TOKENIZER_FILE, MANIFEST_FILE, STATE_FILE):
+    for pattern in (*map(shard_glob, SPLITS), TOKENIZER_FILE, MANIFEST_FILE, STATE_FILE):
         for p in out.glob(pattern):
             p.unlink()
 
@@ -891,66 +556,3 @@ def _locked(out: Path) -> Iterator[None]:
         os.close(fd)
 
 
-# ---------------------------------------------------------------------------- benchmark
-
-
-def measure_prepare_overhead(
-    cfg: DataConfig, repeats: int = 3, workers: int | None = None
-) -> dict[str, Any]:
-    """Tokens/s of prepare's parallel pass vs. one raw ``encode_batch`` on the same text.
-
-    The raw number is ``tokenizers``' own multi-threaded ``encode_batch`` over all
-    documents held in memory (ids produced, nothing else); the prepare number is the
-    pass that ``prepare`` runs (worker start-up, worker processes, id arrays, sharding,
-    sha256, fsynced writes) over the same in-memory documents. The two alternate
-    ``repeats`` times and the best of each counts, so load from other processes hits
-    both alike. ``overhead`` = prepare time / raw time - 1; ``cpu_overhead`` compares
-    CPU seconds (all threads and worker processes), which other load does not inflate.
-    """
-    import resource
-
-    def cpu_now() -> float:
-        child = resource.getrusage(resource.RUSAGE_CHILDREN)
-        return time.process_time() + child.ru_utime + child.ru_stime
-
-    docs = list(iter_documents(cfg))
-    if cfg.tokenizer == "bpe":
-        tok = train_bpe(_bpe_training_text(cfg), cfg.vocab_size)
-    else:
-        tok = load_tokenizer_file(cfg.tokenizer)
-    eot = eot_id(tok)
-    dtype = dtype_for_vocab(vocab_size(tok))
-    n_workers = _n_workers(cfg.workers if workers is None else workers)
-
-    raw_s = prep_s = raw_cpu = prep_cpu = math.inf
-    tokens = 0
-    for _ in range(repeats):
-        c0, t0 = cpu_now(), time.perf_counter()
-        encodings = tok.encode_batch(docs, add_special_tokens=False)
-        raw_s = min(raw_s, time.perf_counter() - t0)
-        raw_cpu = min(raw_cpu, cpu_now() - c0)
-        tokens = sum(len(e.ids) for e in encodings) + len(docs)  # + one EOT per document
-        del encodings
-
-        tmp = Path(tempfile.mkdtemp(prefix="wbscale-prepare-bench-"))
-        try:
-            writers = {s: _SplitShards(s, tmp, dtype, cfg.shard_tokens, [], False) for s in SPLITS}
-            c0 = cpu_now()
-            stats = _tokenize_pass(docs, tok, eot, writers, cfg.val_fraction, cfg.seed, n_workers)
-            prep_cpu = min(prep_cpu, cpu_now() - c0)
-            assert stats.tokens == tokens, (stats.tokens, tokens)
-            prep_s = min(prep_s, stats.seconds)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return {
-        "documents": len(docs),
-        "tokens": tokens,
-        "workers": n_workers,
-        "cpu_count": os.cpu_count(),
-        "raw_encode_batch_tokens_per_second": tokens / raw_s,
-        "prepare_tokens_per_second": tokens / prep_s,
-        "overhead": prep_s / raw_s - 1.0,
-        "raw_cpu_seconds": raw_cpu,
-        "prepare_cpu_seconds": prep_cpu,
-        "cpu_overhead": prep_cpu / raw_cpu - 1.0,
-    }

@@ -12,26 +12,47 @@
   (column ``data.text_field``), or a folder of such files (read in sorted order).
 
 Empty documents are skipped. ``data.max_documents`` caps how many are read.
+
+Train/val split: by document, systematic sampling with a seeded phase
+(:func:`val_mask`): document ``i`` is in val iff ``floor((i+1)f + u) > floor(i f + u)``, so
+any ``n`` documents give ``floor(n f + u)`` val documents, at least one once ``n f >= 1``.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+import random
+from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from wbscale.config import DataConfig
 from wbscale.data.synthetic import iter_stories
 from wbscale.errors import UserError, did_you_mean
 
-__all__ = ["SUFFIXES", "iter_documents", "source_files", "source_kind"]
+__all__ = [
+    "SUFFIXES",
+    "document_split",
+    "iter_chunks",
+    "iter_documents",
+    "source_files",
+    "source_fingerprint",
+    "source_kind",
+    "val_mask",
+    "val_phase",
+]
 
 SYNTHETIC = "synthetic-stories"
 HF_PREFIX = "hf:"
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 _READ_BLOCK = 1 << 20
+# A task of ~0.5M characters keeps a worker busy ~0.3 s: long next to the pickling cost,
+# short enough that a slow last chunk does not leave the other workers idle for long.
+_CHUNK_CHARS = 1 << 19
+_CHUNK_DOCS = 8192
 
 
 def source_kind(source: str) -> str:
@@ -96,6 +117,65 @@ def source_files(source: str) -> list[Path]:
         f"{', '.join(SUFFIXES)} file or folder, '{HF_PREFIX}<dataset name>' for a Hugging "
         f"Face dataset, or '{SYNTHETIC}' for the built-in stories."
     )
+
+
+def source_fingerprint(cfg: DataConfig) -> dict[str, Any]:
+    """The source settings that determine the documents read (part of the prepare fingerprint).
+
+    Local sources add their files' names and sizes, so an edited file is noticed as a change.
+    """
+    fp: dict[str, Any] = {}
+    kind = source_kind(cfg.source)
+    if kind == "synthetic":
+        fp["synthetic_documents"] = cfg.synthetic_documents
+    elif kind == "hf":
+        fp.update(hf_config=cfg.hf_config, hf_split=cfg.hf_split, text_field=cfg.text_field)
+    else:
+        files = source_files(cfg.source)
+        root = Path(cfg.source).expanduser()
+        suffixes = {p.suffix.lower() for p in files}
+        if suffixes & {".jsonl", ".parquet"}:
+            fp["text_field"] = cfg.text_field
+        if ".txt" in suffixes:
+            fp["separator"] = cfg.separator
+        fp["source_files"] = [
+            [p.name if p == root else str(p.relative_to(root)), p.stat().st_size] for p in files
+        ]
+    return fp
+
+
+def iter_chunks(docs: Iterable[str]) -> Iterator[list[str]]:
+    """``docs`` in consecutive lists of about 0.5M characters (at most 8192 documents)."""
+    texts: list[str] = []
+    chars = 0
+    for text in docs:
+        texts.append(text)
+        chars += len(text)
+        if chars >= _CHUNK_CHARS or len(texts) >= _CHUNK_DOCS:
+            yield texts
+            texts, chars = [], 0
+    if texts:
+        yield texts
+
+
+# ---------------------------------------------------------------------------- train/val split
+
+
+def val_phase(seed: int) -> float:
+    """The seeded phase ``u`` of the train/val split."""
+    # str seeds go through sha512 in random.Random: stable across Python versions.
+    return random.Random(f"wbscale-val-split:{seed}").random()
+
+
+def val_mask(index: np.ndarray, fraction: float, phase: float) -> np.ndarray:
+    """Whether each document index is in the val split (vectorised)."""
+    i = np.asarray(index, dtype=np.float64)
+    return np.floor((i + 1) * fraction + phase) > np.floor(i * fraction + phase)
+
+
+def document_split(index: int, cfg: DataConfig) -> str:
+    """``"train"`` or ``"val"``: the split of the ``index``-th document of ``cfg.source``."""
+    return "val" if val_mask(np.array([index]), cfg.val_fraction, val_phase(cfg.seed))[0] else "train"
 
 
 # ---------------------------------------------------------------------------- local files

@@ -1,8 +1,10 @@
-"""Tokenizers: train a byte-level BPE, or load any ``tokenizer.json``.
+"""Tokenizers: load the one a data folder was prepared with, or any ``tokenizer.json``.
+
+Training the byte-level BPE is :mod:`wbscale.data.bpe`.
 
 The tokenizer used to prepare a data folder is saved in it as ``tokenizer.json``; its
 sha256 identifies it in the manifest and in checkpoints. The end-of-document token
-(``<|endoftext|>`` for the BPE trained here and for GPT-2) separates documents in the
+(``<|endoftext|>`` for the BPE of :mod:`wbscale.data.bpe` and for GPT-2) separates documents in the
 token shards.
 """
 
@@ -11,8 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-import numpy as np
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 
 from wbscale.errors import UserError
 from wbscale.io import sha256_file
@@ -21,14 +22,12 @@ __all__ = [
     "EOT",
     "TOKENIZER_FILE",
     "decode",
-    "dtype_for_vocab",
     "encode",
     "eot_id",
     "load_tokenizer",
     "load_tokenizer_file",
     "tokenizer_path",
     "tokenizer_sha256",
-    "train_bpe",
     "vocab_size",
 ]
 
@@ -36,25 +35,6 @@ EOT = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
 # End-of-document tokens of common tokenizers, tried in order when EOT is absent.
 _EOT_CANDIDATES = (EOT, "<|end_of_text|>", "</s>", "<eos>")
-
-
-def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
-    """Train a GPT-2 style byte-level BPE with ``<|endoftext|>`` as its only special token.
-
-    No normalizer and no prefix space, so ``decode(encode(text)) == text`` for any text.
-    """
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOT],
-        # All 256 byte symbols up front: any input is encodable even if unseen in training.
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    return tok
 
 
 def tokenizer_path(path: str | Path) -> Path:
@@ -120,11 +100,6 @@ def eot_id(tok: Tokenizer) -> int:
 def vocab_size(tok: Tokenizer) -> int:
     """Number of token ids, added/special tokens included."""
     return tok.get_vocab_size(with_added_tokens=True)
-
-
-def dtype_for_vocab(n_vocab: int) -> np.dtype:
-    """uint16 when every id fits in it, uint32 otherwise (little-endian on disk)."""
-    return np.dtype("<u2") if n_vocab < 65536 else np.dtype("<u4")
 
 
 def encode(tok: Tokenizer, text: str) -> list[int]:

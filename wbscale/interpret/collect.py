@@ -105,7 +105,8 @@ class TokenStream:
     """One split of a prepared data folder read as a single stream of tokens."""
 
     def __init__(self, data_dir: str | Path, split: str = "val") -> None:
-        from wbscale.data.loader import TokenShards, load_manifest
+        from wbscale.data.loader import TokenShards
+        from wbscale.data.manifest import load_manifest
 
         self.data_dir = Path(data_dir)
         self.split = split
@@ -351,8 +352,8 @@ def _setup(
     top_k: int, split: str, batch_size: int, units: str,
 ) -> tuple[torch.nn.Module, _Plan, TokenStream]:
     """Load the model (on CPU) and the data; check that they fit the request."""
-    from wbscale.data.prepare import SPLITS
-    from wbscale.train.inference import load_for_inference
+    from wbscale.ckpt.load import load_for_inference
+    from wbscale.data.shards import SPLITS
 
     if split not in SPLITS:
         raise UserError(f"--split {split!r}: use one of {', '.join(SPLITS)}")

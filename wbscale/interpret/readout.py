@@ -37,9 +37,9 @@ def unit_directions(model: torch.nn.Module, layer: int, units: str) -> Tensor:
         if ista is None:
             raise UserError(f"layer {layer} has no ISTA block (is this a CRATE model?)")
         if ista.variant == "square":
-            w = ista.weight
+            w = ista.dictionary
             return torch.eye(w.size(1), dtype=w.dtype, device=w.device)
-        return ista.weight.detach()
+        return ista.dictionary.detach()
     mlp = getattr(block, "mlp", None)
     if mlp is None:
         raise UserError(f"layer {layer} has no MLP (is this a GPT-2 model?)")

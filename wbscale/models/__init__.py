@@ -4,11 +4,22 @@ from __future__ import annotations
 
 from wbscale.config import ModelConfig
 from wbscale.errors import UserError
-from wbscale.models.base import LanguageModel
-from wbscale.models.crate import CRATE, load_published
+from wbscale.models.base import LanguageModel, LayerRoles, LinearMap
+from wbscale.models.crate import CRATE
 from wbscale.models.gpt2 import GPT2
+from wbscale.models.published import load_published, load_published_crate
 
-__all__ = ["CRATE", "GPT2", "MODEL_CLASSES", "LanguageModel", "build_model", "load_published"]
+__all__ = [
+    "CRATE",
+    "GPT2",
+    "MODEL_CLASSES",
+    "LanguageModel",
+    "LayerRoles",
+    "LinearMap",
+    "build_model",
+    "load_published",
+    "load_published_crate",
+]
 
 MODEL_CLASSES: dict[str, type[LanguageModel]] = {"crate": CRATE, "gpt2": GPT2}
 

@@ -6,14 +6,18 @@ A model is this skeleton plus one block class (``crate.Block``, ``gpt2.Block``):
 
 with the LM head tied to the token embedding. Blocks take ``(x, record=None)``; when
 ``record`` is a dict they write their white-box tensors into it (see ``white_box_forward``).
+Blocks also say which of their parameters play which role (``roles``, a :class:`LayerRoles`),
+so tools such as BIMT read that instead of branching on the architecture.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -24,8 +28,48 @@ from wbscale.config import ModelConfig
 from wbscale.errors import UserError
 
 
+@dataclass(frozen=True)
+class LinearMap:
+    """A weight (out, in), as ``nn.Linear`` stores it, with its bias and a short plot label."""
+
+    weight: str
+    bias: str | None = None
+    label: str = ""
+
+
+@dataclass(frozen=True)
+class LayerRoles:
+    """Which parameters of one block play which role, by full parameter name.
+
+    The block reads and writes a residual stream of d dimensions through:
+
+    - ``norms``: LayerNorm modules (``.weight`` and ``.bias``) on the stream;
+    - ``attn_in`` (``qkv_slices`` * d, d): ``qkv_slices`` stacked projections (q|k|v: 3;
+      CRATE's U is query, key and value at once: 1), each d rows = heads x head_dim;
+    - ``attn_out`` (d, d): writes the concatenated heads into the stream;
+    - ``hidden_in`` (m, d): hidden unit j reads row j (GPT-2 ``c_fc``; CRATE's ISTA
+      dictionary, which is encoder and decoder at once, so ``hidden_out`` is None);
+    - ``hidden_out`` (d, m): hidden unit j writes column j (GPT-2 ``mlp.c_proj``);
+    - ``hidden_is_residual``: the hidden units ARE the stream's dimensions (square ISTA:
+      m = d and the code replaces x), so they cannot move on their own.
+    """
+
+    norms: tuple[str, ...]
+    attn_in: LinearMap
+    qkv_slices: int
+    attn_out: LinearMap
+    hidden_in: LinearMap
+    hidden_out: LinearMap | None
+    hidden_units: int
+    hidden_is_residual: bool = False
+
+
 class LanguageModel(nn.Module):
     """Token + position embeddings, ``n_layer`` blocks, final LayerNorm, tied LM head."""
+
+    # Block parameter names before a rename -> today's (block-relative, ``old`` matches a
+    # name or a module prefix), so that checkpoints written under the old names still load.
+    legacy_names: ClassVar[dict[str, str]] = {}
 
     def __init__(self, config: ModelConfig, block: Callable[[ModelConfig], nn.Module]):
         super().__init__()
@@ -67,6 +111,36 @@ class LanguageModel(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    # ------------------------------------------------------------------ names
+    def layer_roles(self) -> list[LayerRoles]:
+        """Per layer, which parameters are the norms, attention maps and hidden units."""
+        return [block.roles(f"transformer.h.{i}.") for i, block in enumerate(self.transformer.h)]
+
+    @classmethod
+    def upgrade_state_dict(cls, state_dict: dict[str, Any], prefix: str = "") -> None:
+        """Rename, in place, keys ``{prefix}transformer.h.{i}.{old}`` to ``legacy_names``' new
+        names. A key whose new name is also present is left alone (strict loading reports it)."""
+        if not cls.legacy_names:
+            return
+        block = re.compile(rf"({re.escape(prefix)}transformer\.h\.\d+\.)(.+)")
+        for key in list(state_dict):
+            found = block.fullmatch(key)
+            if found is None:
+                continue
+            head, rest = found.groups()
+            for old, new in cls.legacy_names.items():
+                if rest == old or rest.startswith(old + "."):
+                    renamed = head + new + rest[len(old) :]
+                    if renamed not in state_dict:
+                        state_dict[renamed] = state_dict.pop(key)
+                    break
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # torch's hook for upgrading old checkpoints (as BatchNorm does); it runs before the
+        # children load, at any nesting (the Lightning module loads us under "model.").
+        self.upgrade_state_dict(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------ forward
     @property
@@ -221,7 +295,13 @@ def crop_positions(state_dict: dict[str, Tensor], block_size: int, source: str |
 
 
 def load_checked(model: nn.Module, state_dict: dict[str, Tensor], source: str | Path) -> None:
-    """``load_state_dict`` that names every missing, unexpected or mis-shaped key."""
+    """``load_state_dict`` that names every missing, unexpected or mis-shaped key.
+
+    Old parameter names (``LanguageModel.legacy_names``) are accepted, as in ``load_state_dict``.
+    """
+    if isinstance(model, LanguageModel):
+        state_dict = dict(state_dict)
+        model.upgrade_state_dict(state_dict)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))

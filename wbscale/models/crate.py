@@ -1,22 +1,18 @@
 """CRATE language model: a white-box transformer of compression (MSSA) and sparsification (ISTA).
 
 Yu et al., "White-Box Transformers via Sparse Rate Reduction" (NeurIPS 2023) and Bai et al.,
-"CRATE-LM" (2024); the layout, names and sizes follow the published CRATE LM code (nanoGPT
-based). Per layer, pre-norm and causal:
+"CRATE-LM" (2024); the layout and sizes follow the published CRATE LM code (nanoGPT based),
+the names GPT-2's where the role is the same. Per layer, pre-norm and causal:
 
     x = x + MSSA(LN1(x))        # compress the tokens against K learned subspaces U_k
     x = ISTA(LN2(x))            # sparse-code them in a learned dictionary; NO residual
 
 The ISTA block is a single call into ``wbscale.kernels.ista``: eager on CPU, fused Triton on
-CUDA, picked by ``model.ista_kernel`` (DESIGN.md, Kernels).
+CUDA, picked by ``model.ista_kernel`` (DESIGN.md, Kernels). Published CRATE-LM checkpoints are
+read by ``wbscale.models.published``.
 """
 
 from __future__ import annotations
-
-import dataclasses
-import re
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn as nn
@@ -24,9 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from wbscale.config import ModelConfig
-from wbscale.errors import UserError
 from wbscale.kernels import ista
-from wbscale.models.base import LanguageModel, crop_positions, load_checked
+from wbscale.models.base import LanguageModel, LayerRoles, LinearMap
 
 
 class MSSA(nn.Module):
@@ -71,15 +66,15 @@ class ISTA(nn.Module):
         self.lam = config.ista_lambda
         self.kernel = config.ista_kernel
         self.save_activations = config.ista_save_activations
-        self.weight = nn.Parameter(torch.empty(m, d))
+        self.dictionary = nn.Parameter(torch.empty(m, d))  # W; the dictionary D is W^T
         # The published CRATE code's init; the GPT-2 N(0, 0.02) init is not applied here.
-        nn.init.kaiming_uniform_(self.weight)
+        nn.init.kaiming_uniform_(self.dictionary)
 
     def forward(self, x: Tensor, return_code: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """The block output (B, T, d); with ``return_code`` also the sparse code z (B, T, m)."""
         return ista(
             x,
-            self.weight,
+            self.dictionary,
             variant=self.variant,
             eta=self.eta,
             lam=self.lam,
@@ -94,28 +89,46 @@ class Block(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.prenorm_1 = nn.LayerNorm(config.n_embd)
+        self.ln_1 = nn.LayerNorm(config.n_embd)
         self.attn = MSSA(config)
-        self.prenorm_2 = nn.LayerNorm(config.n_embd)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
         self.ista = ISTA(config)
 
     def forward(self, x: Tensor, record: dict[str, Tensor] | None = None) -> Tensor:
-        h = self.prenorm_1(x)
+        h = self.ln_1(x)
         a, w = self.attn(h)
         x = x + a
         if record is None:
-            return self.ista(self.prenorm_2(x))
-        out, z = self.ista(self.prenorm_2(x), return_code=True)
+            return self.ista(self.ln_2(x))
+        out, z = self.ista(self.ln_2(x), return_code=True)
         # mssa_projection U (d, d) with head_projections == mssa_input @ U, split into heads.
         u = self.attn.c_attn.weight.detach().t()
         record.update(mssa_input=h, head_projections=w, mssa_output=x, sparse_code=z, mssa_projection=u)
         return out
+
+    def roles(self, prefix: str = "") -> LayerRoles:
+        """U is query, key and value (one slice, no bias); the dictionary W (m, d) is the ISTA
+        encoder (x W^T) and decoder (z W) at once, so atom j is row j and there is no
+        separate output map. Square ISTA: the code replaces x, so atom k is stream dim k."""
+        return LayerRoles(
+            norms=(f"{prefix}ln_1", f"{prefix}ln_2"),
+            attn_in=LinearMap(f"{prefix}attn.c_attn.weight", None, "c_attn"),
+            qkv_slices=1,
+            attn_out=LinearMap(f"{prefix}attn.c_proj.weight", f"{prefix}attn.c_proj.bias", "attn c_proj"),
+            hidden_in=LinearMap(f"{prefix}ista.dictionary", None, "dictionary"),
+            hidden_out=None,
+            hidden_units=self.ista.dictionary.size(0),
+            hidden_is_residual=self.ista.variant == "square",
+        )
 
 
 class CRATE(LanguageModel):
     """The CRATE LM. ``white_box_forward`` records per layer: ``sparse_code`` (B, T, m),
     ``head_projections`` (B, K, T, d/K), ``mssa_input`` and ``mssa_output`` (B, T, d), and
     ``mssa_projection`` U (d, d) with ``head_projections == mssa_input @ U`` split into heads."""
+
+    # Checkpoints written before the block norms took GPT-2's names and the ISTA weight its own.
+    legacy_names = {"prenorm_1": "ln_1", "prenorm_2": "ln_2", "ista.weight": "ista.dictionary"}
 
     def __init__(self, config: ModelConfig):
         super().__init__(config, Block)
@@ -126,108 +139,3 @@ class CRATE(LanguageModel):
         if c.ista_variant == "overcomplete":
             return 2 * c.n_embd**2 + 4 * c.n_embd * (c.ista_expansion * c.n_embd)
         return 2 * c.n_embd**2 + 2 * c.n_embd**2
-
-    @classmethod
-    def from_published(cls, path: str | Path, **overrides: Any) -> CRATE:
-        """Build a CRATE from a published CRATE-LM checkpoint (see ``load_published``).
-
-        ``overrides`` replace ModelConfig fields (e.g. ``ista_kernel``, ``dropout``, a smaller
-        ``block_size``, or ``ista_variant`` where the shapes cannot tell).
-        """
-        config, state_dict = load_published(path)
-        config = dataclasses.replace(config, **overrides)
-        crop_positions(state_dict, config.block_size, path)
-        model = cls(config)
-        load_checked(model, state_dict, path)
-        return model
-
-
-# ---------------------------------------------------------------------------- published import
-
-# nanoGPT-style prefixes: torch.compile (``_orig_mod.``) and DDP (``module.``).
-_PREFIX = re.compile(r"^(?:_orig_mod\.|module\.)+")
-# model_args names the published code may use for the ISTA hyper-parameters, besides ours.
-_ARG_ALIASES = {
-    "ista_eta": ("ista_eta", "eta", "step_size"),
-    "ista_lambda": ("ista_lambda", "lambd", "lam", "lambda"),
-}
-
-
-def load_published(path: str | Path) -> tuple[ModelConfig, dict[str, Tensor]]:
-    """Read a published CRATE-LM checkpoint: a ``torch.load``-able dict with ``model`` (state
-    dict) and ``model_args`` (nanoGPT names). Returns the ModelConfig and a state dict with
-    wbscale's names; raises UserError when the file is missing or not in that format.
-
-    The ISTA variant and expansion come from the dictionary's shape (m, d): m = d is read as
-    ``square``, m = k d as ``overcomplete`` with expansion k. With ``bias: False`` the
-    checkpoint has no LayerNorm / c_proj biases; they are filled with zeros (same function).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such checkpoint file (expected a published CRATE-LM ckpt.pt)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for a non-checkpoint file
-        raise UserError(
-            f"{path}: not a checkpoint torch.load can read with weights_only=True ({err})"
-        ) from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
-        found = sorted(map(str, ckpt)) if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise UserError(
-            f"{path}: not a published CRATE-LM checkpoint: expected a dict with keys 'model' "
-            f"and 'model_args' (nanoGPT format), found {found}"
-        )
-    args = ckpt["model_args"]
-    if not isinstance(args, dict) or not isinstance(ckpt["model"], dict):
-        raise UserError(f"{path}: 'model' must be a state dict and 'model_args' a dict")
-    state_dict = {
-        _PREFIX.sub("", k): v
-        for k, v in ckpt["model"].items()
-        # nanoGPT's non-flash attention keeps its causal mask as a buffer named attn.bias.
-        if not (k.endswith(".attn.bias") and v.dim() == 4)
-    }
-    if "n_head" not in args:  # the only size the weights' shapes cannot tell
-        raise UserError(f"{path}: model_args has no 'n_head'; cannot rebuild the model")
-
-    wte = state_dict.get("transformer.wte.weight")
-    fields: dict[str, Any] = {"arch": "crate"}
-    for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropout"):
-        if name in args:
-            fields[name] = args[name]
-    if wte is not None:
-        fields.setdefault("vocab_size", wte.size(0))
-        fields.setdefault("n_embd", wte.size(1))
-    if "n_layer" not in fields:
-        layers = {int(k.split(".")[2]) for k in state_dict if k.startswith("transformer.h.")}
-        fields["n_layer"] = len(layers)
-    if "block_size" not in fields and "transformer.wpe.weight" in state_dict:
-        fields["block_size"] = state_dict["transformer.wpe.weight"].size(0)
-    for field, aliases in _ARG_ALIASES.items():
-        for alias in aliases:
-            if alias in args:
-                fields[field] = float(args[alias])
-                break
-    dictionary = state_dict.get("transformer.h.0.ista.weight")
-    if dictionary is not None and dictionary.dim() == 2:
-        m, d = dictionary.shape
-        if m == d:
-            fields["ista_variant"] = "square"
-        elif m % d == 0:
-            fields.update(ista_variant="overcomplete", ista_expansion=m // d)
-    config = ModelConfig(**fields)
-
-    if args.get("bias", True) is False:
-        zeros = torch.zeros(config.n_embd, dtype=wte.dtype if wte is not None else torch.float32)
-        names = ["transformer.ln_f.bias"]
-        for i in range(config.n_layer):
-            names += [f"transformer.h.{i}.{n}.bias" for n in ("prenorm_1", "prenorm_2", "attn.c_proj")]
-        for name in names:
-            state_dict.setdefault(name, zeros.clone())
-    if wte is not None:
-        head = state_dict.setdefault("lm_head.weight", wte)
-        if head.shape != wte.shape or not torch.equal(head, wte):
-            raise UserError(
-                f"{path}: lm_head.weight differs from transformer.wte.weight; wbscale's CRATE "
-                "ties them (as the published code does), so this checkpoint cannot be imported"
-            )
-    return config, state_dict

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from wbscale.config import ModelConfig
 from wbscale.errors import UserError
-from wbscale.models.base import LanguageModel, crop_positions, load_checked
+from wbscale.models.base import LanguageModel, LayerRoles, LinearMap, crop_positions, load_checked
 
 
 class CausalSelfAttention(nn.Module):
@@ -80,6 +80,18 @@ class Block(nn.Module):
             # Names shared with CRATE so the same metrics read both models.
             record.update(mssa_input=h, head_projections=k, mssa_output=x, mlp_activation=hidden)
         return x + m
+
+    def roles(self, prefix: str = "") -> LayerRoles:
+        """q|k|v stacked in ``c_attn``; MLP neuron j reads row j of ``c_fc``, writes column j of ``c_proj``."""
+        return LayerRoles(
+            norms=(f"{prefix}ln_1", f"{prefix}ln_2"),
+            attn_in=LinearMap(f"{prefix}attn.c_attn.weight", f"{prefix}attn.c_attn.bias", "c_attn"),
+            qkv_slices=3,
+            attn_out=LinearMap(f"{prefix}attn.c_proj.weight", f"{prefix}attn.c_proj.bias", "attn c_proj"),
+            hidden_in=LinearMap(f"{prefix}mlp.c_fc.weight", f"{prefix}mlp.c_fc.bias", "c_fc"),
+            hidden_out=LinearMap(f"{prefix}mlp.c_proj.weight", f"{prefix}mlp.c_proj.bias", "mlp c_proj"),
+            hidden_units=self.mlp.c_fc.out_features,
+        )
 
 
 class GPT2(LanguageModel):

@@ -6,7 +6,7 @@ or GraceTime). The handlers here only set a flag: nothing is safe inside a signa
 in the middle of a step (Lightning's own handlers save, or run a collective, right there).
 At every optimizer-step boundary every rank takes part in one all-reduce (MAX) of the flag,
 because a signal can reach the ranks a step apart; so all ranks stop at the same step. They
-save a checkpoint there with :class:`~wbscale.train.checkpoint.AtomicCheckpoint`, let the
+save a checkpoint there with :class:`~wbscale.ckpt.writer.AtomicCheckpoint`, let the
 step finish as it would anyway (its metrics logged, validation on a validation step), and
 before the next step starts close the loggers (wandb included: SLURM signals every process
 of the job, wandb's service too) and:
@@ -41,6 +41,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from wbscale.ranks import say_always
 from wbscale.slurm.record import append_event, job_id_from_env
 
 NONE, REQUEUE, STOP = 0, 1, 2  # ordered: when ranks disagree the larger wins
@@ -67,10 +68,6 @@ def cluster_plugins() -> list[Any]:
 
     in_srun = "SLURM_NTASKS" in os.environ and SLURMEnvironment.detect()  # detect() alone warns off SLURM
     return [SLURMEnvironment(auto_requeue=False)] if in_srun else []
-
-
-def _say(msg: str) -> None:
-    print(f"[wbscale] {msg}", file=sys.stderr, flush=True)
 
 
 class SlurmPreemption(L.Callback):
@@ -243,14 +240,15 @@ class SlurmPreemption(L.Callback):
 
     def _save(self, trainer: L.Trainer) -> Path:
         """A checkpoint of this step through AtomicCheckpoint (unless it has just saved one)."""
-        from wbscale.train.checkpoint import AtomicCheckpoint, checkpoints_dir
+        from wbscale.ckpt.format import checkpoints_dir, step_dir_name
+        from wbscale.ckpt.writer import AtomicCheckpoint
 
         saver = next((c for c in trainer.callbacks if isinstance(c, AtomicCheckpoint)), None)
         if saver is None:
             raise RuntimeError("SlurmPreemption needs an AtomicCheckpoint callback before it")
         step = trainer.global_step
         if saver.last_saved_step == step:
-            return checkpoints_dir(saver.run_dir) / f"step-{step:08d}"
+            return checkpoints_dir(saver.run_dir) / step_dir_name(step)
         return saver.save(trainer)
 
     def _leave(self, trainer: L.Trainer) -> None:
@@ -276,9 +274,9 @@ class SlurmPreemption(L.Callback):
             else:
                 outcome = "stopped"
                 detail = "SIGTERM: the job is being cancelled or preempted, so not requeuing (SLURM requeues a preempted --requeue job)"
-            _say(f"{signame} received: checkpoint saved at step {step} ({path}); {detail}; exiting with status {code}")
+            say_always(f"{signame} received: checkpoint saved at step {step} ({path}); {detail}; exiting with status {code}")
             if self._wandb_detached:
-                _say("wandb stopped logging at SIGTERM (SLURM stops wandb's service with the job); metrics.jsonl has every step")
+                say_always("wandb stopped logging at SIGTERM (SLURM stops wandb's service with the job); metrics.jsonl has every step")
             append_event(
                 self.record_dir, "preempt", job_id=job_id_from_env(), step=step, signal=signame, action=outcome,
                 exit_code=code, trained_run=str(self.run_dir),

@@ -11,12 +11,11 @@ One JSON object per line, appended, each with an ``event``:
 - ``cancel``: written by ``wbscale slurm cancel``.
 
 Lines are short and appended with ``O_APPEND``; a torn line (a crash mid-write) is skipped
-when read. ``python -m wbscale.slurm.record start RUN_DIR`` is what a job script calls.
+when read. ``wbscale slurm record start RUN_DIR`` is what a job script calls.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import platform
@@ -28,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from wbscale.io import atomic_write_json
+from wbscale.provenance import code_version
 
 JOBS_FILE = "slurm_jobs.jsonl"
 SLURM_DIR = "slurm"  # script copies, job logs and environment captures
-PACKAGES = ("wbscale", "torch", "lightning", "deepspeed", "triton", "wandb", "tokenizers", "numpy")
 
 
 def now() -> str:
@@ -67,32 +66,6 @@ def read_events(run_dir: Path) -> list[dict[str, Any]]:
         if isinstance(row, dict):
             rows.append(row)
     return rows
-
-
-def _git(args: list[str], cwd: Path) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def code_version() -> dict[str, Any]:
-    """Git commit (and whether the tree is dirty) of the wbscale checkout, package versions.
-
-    Cheap (no torch import): it runs on login nodes and at every job start.
-    """
-    from wbscale.config import REPO_ROOT
-
-    commit = _git(["rev-parse", "HEAD"], REPO_ROOT)
-    dirty = _git(["status", "--porcelain", "--untracked-files=no"], REPO_ROOT) if commit else None
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for pkg in PACKAGES:
-        try:
-            versions[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            versions[pkg] = None
-    return {"git_commit": commit, "git_dirty": bool(dirty) if dirty is not None else None, "versions": versions}
 
 
 def job_id_from_env(env: dict[str, str] | None = None) -> str | None:
@@ -136,16 +109,3 @@ def capture_start(run_dir: Path) -> Path:
     )
     return path
 
-
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2 or args[0] != "start":
-        print("usage: python -m wbscale.slurm.record start RUN_DIR", file=sys.stderr)
-        return 2
-    path = capture_start(Path(args[1]))
-    print(f"wbscale: environment of this job written to {path}", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -108,7 +108,7 @@ def submitted_ids(run_dir: Path) -> list[str]:
 
 def run_status(run_dir: Path) -> list[JobState]:
     """Every job submitted for a run, with state, requeues and the last checkpoint step."""
-    from wbscale.train.checkpoint import latest_checkpoint  # imports torch: only here
+    from wbscale.ckpt.format import latest_checkpoint  # imports torch: only here
 
     run_dir = Path(run_dir)
     events = read_events(run_dir)

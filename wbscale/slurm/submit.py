@@ -16,7 +16,8 @@ from pathlib import Path
 
 from wbscale.config import load_recipe, save_recipe
 from wbscale.errors import UserError
-from wbscale.slurm.record import append_event, code_version
+from wbscale.provenance import code_version
+from wbscale.slurm.record import append_event
 from wbscale.slurm.render import JobSpec, job_spec, render
 from wbscale.slurm.site import load_site
 from wbscale.slurm.status import active_jobs

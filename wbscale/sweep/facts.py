@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wbscale.config import Recipe, resolve_recipe_path
+from wbscale.sizing import tokens_per_step
 
 _TARGET_LINE = re.compile(r"^#\s*target\s*:\s*(.*)$", re.IGNORECASE)
 _NUMBER = re.compile(r"(?<![\w.])(\d+\.\d+|\d+)(?![\w.])")
@@ -42,12 +43,6 @@ class RunFacts:
     def compute(self) -> float:
         """Training FLOPs of the whole run."""
         return float(self.flops_per_token) * float(self.tokens)
-
-
-def tokens_per_step(recipe: Recipe) -> int:
-    """Tokens in one optimizer step, summed over every process."""
-    t, d = recipe.train, recipe.distributed
-    return t.micro_batch_size * t.grad_accum * recipe.model.block_size * d.devices * d.nodes
 
 
 def recipe_facts(recipe: Recipe) -> RunFacts:

@@ -40,6 +40,7 @@ from typing import Any
 from wbscale.config import Recipe, load_recipe, parse_overrides, resolve_recipe_path
 from wbscale.errors import UserError
 from wbscale.io import atomic_write_json
+from wbscale.provenance import report_environment
 
 SWEEP_FILE = "sweep.json"
 # Short names for the usual axes, so point names stay readable: crate-L4-d128.
@@ -278,9 +279,7 @@ def run_sweep(
 
     if fit_fn is None:
         from wbscale.train.fit import fit as fit_fn
-    from wbscale.sweep.report import run_environment
-
-    state["environment"] = run_environment()
+    state["environment"] = report_environment()
     atomic_write_json(path, state)
     # Prepare each distinct data configuration up front, so that no point's wall time
     # includes tokenizing the data it shares with the others.

@@ -15,11 +15,8 @@ compute (FLOPs/token x tokens) and the final val loss from ``summary.json``. Wri
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
-import platform
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -28,53 +25,12 @@ import yaml
 from wbscale.config import recipe_from_dict
 from wbscale.errors import UserError
 from wbscale.io import atomic_write_json, atomic_write_text
-from wbscale.sweep.facts import human_count, human_flops, recipe_facts, tokens_per_step
+from wbscale.sizing import tokens_per_step
+from wbscale.sweep.facts import human_count, human_flops, recipe_facts
 from wbscale.sweep.grid import SWEEP_FILE
 
 ARCH_LABEL = {"crate": "CRATE", "gpt2": "GPT-2"}
 ARCH_STYLE = {"crate": ("tab:blue", "o"), "gpt2": ("tab:orange", "s")}
-
-
-def cpu_model() -> str:
-    """The CPU's marketing name (Linux /proc/cpuinfo, else platform)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_commit(cwd: Path | None = None) -> str | None:
-    """``<sha>`` of the checkout (``+dirty`` with uncommitted changes), None outside git."""
-    cwd = cwd or Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
-        if sha.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True, timeout=10)
-        return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def run_environment() -> dict[str, Any]:
-    """Where a sweep ran: device, threads, versions, commit, date."""
-    import torch
-
-    if torch.cuda.is_available():
-        device = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
-    else:
-        device = f"CPU: {cpu_model()}, {torch.get_num_threads()} torch threads"
-    return {
-        "device": device,
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "commit": git_commit(),
-        "date": _dt.date.today().isoformat(),
-    }
 
 
 # ---------------------------------------------------------------------------- collect

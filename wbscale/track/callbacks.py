@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from wbscale.track.jsonl_logger import truncate_jsonl
 from wbscale.track.plots import plot_run
+from wbscale.track.step_metrics import log_step_metrics
 from wbscale.track.whitebox import DEFAULT_EPS, whitebox_metrics
 
 SAMPLES_FILE = "samples.jsonl"
@@ -91,10 +92,7 @@ class WhiteBoxMetrics(Callback):
         if step == self._last_step:
             return
         self._last_step = step
-        metrics = self.compute(trainer, pl_module)
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=step)
+        log_step_metrics(trainer, self.compute(trainer, pl_module))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         # called once per micro-batch; global_step moves only on optimizer steps, and the

@@ -19,10 +19,10 @@ def checkpoint_metrics(
     batch_size: int = 8, device: str = "cpu",
 ) -> dict[str, Any]:
     """Compute white-box metrics for ``ckpt`` on held-out data; write JSON + PNGs to ``out_dir``."""
+    from wbscale.ckpt.load import load_for_inference
     from wbscale.data.loader import val_batches
     from wbscale.track.plots import plot_whitebox
     from wbscale.track.whitebox import whitebox_metrics
-    from wbscale.train.inference import load_for_inference
 
     model, recipe, _ = load_for_inference(ckpt, device=device)
     data = Path(data_dir or recipe.data.out_dir)

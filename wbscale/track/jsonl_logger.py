@@ -25,7 +25,7 @@ from lightning.pytorch.loggers.logger import Logger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from wbscale.io import atomic_write_text
-from wbscale.launch import launch_rank
+from wbscale.ranks import launch_rank
 
 METRICS_FILE = "metrics.jsonl"
 

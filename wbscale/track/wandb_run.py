@@ -21,11 +21,7 @@
 from __future__ import annotations
 
 import functools
-import importlib.metadata
 import os
-import platform
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -39,7 +35,8 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from wbscale.io import atomic_write_text
-from wbscale.launch import launch_rank
+from wbscale.provenance import run_environment
+from wbscale.ranks import launch_rank
 
 WANDB_ID_FILE = "wandb_id.txt"
 DEFAULT_INIT_TIMEOUT = 20.0
@@ -161,60 +158,6 @@ def resolve_wandb_mode(mode: str) -> tuple[str, str]:
             return "offline", "tracking.wandb.mode is online but no W&B key is set (WANDB_API_KEY or `wandb login`)"
         return "offline", "no W&B key found"
     return "online", "a W&B key is set"
-
-
-# ----------------------------------------------------------------------------- environment
-
-
-def _git(args: list[str], cwd: Path) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def run_environment() -> dict[str, Any]:
-    """Git commit, package versions and hardware, for the run's config and bench reports."""
-    from wbscale.config import REPO_ROOT
-
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for pkg in ("wbscale", "torch", "lightning", "deepspeed", "triton", "wandb", "tokenizers"):
-        try:
-            versions[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            versions[pkg] = None
-    hardware: dict[str, Any] = {
-        "hostname": socket.gethostname(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-    }
-    try:
-        hardware["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError, AttributeError):
-        pass
-    try:
-        import torch
-
-        versions["cuda"] = torch.version.cuda
-        if torch.cuda.is_available():
-            hardware["gpu_count"] = torch.cuda.device_count()
-            hardware["gpu"] = torch.cuda.get_device_name(0)
-    except Exception:  # noqa: BLE001 - a broken CUDA setup must not stop tracking
-        pass
-    commit = _git(["rev-parse", "HEAD"], REPO_ROOT)
-    dirty = _git(["status", "--porcelain", "--untracked-files=no"], REPO_ROOT)
-    env: dict[str, Any] = {
-        "git_commit": commit,
-        "git_dirty": (bool(dirty) if dirty is not None else None),
-        "versions": versions,
-        "hardware": hardware,
-        "argv": list(sys.argv),
-    }
-    for var in ("SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_NNODES", "WORLD_SIZE"):
-        if os.environ.get(var):
-            env[var.lower()] = os.environ[var]
-    return env
 
 
 # ----------------------------------------------------------------------------- logger
@@ -380,7 +323,7 @@ def make_wandb_logger(
     """The wandb logger of a run, or ``None`` when wandb is disabled.
 
     ``recipe`` is a :class:`wbscale.config.Recipe`; its resolved dict plus
-    :func:`run_environment` becomes the wandb config. On rank 0 the run starts now (so the
+    :func:`wbscale.provenance.run_environment` becomes the wandb config. On rank 0 the run starts now (so the
     mode line prints before training); other ranks get a logger that never touches wandb.
     ``rank`` defaults to :func:`~wbscale.track.jsonl_logger.launch_rank` (the launcher's
     environment), so every process of a DDP/ZeRO/SLURM job may call this.

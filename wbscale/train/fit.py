@@ -10,37 +10,37 @@ wires loggers and callbacks, and writes the run folder::
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
+from torch import nn
 
-from wbscale.config import Recipe, recipe_from_dict, save_recipe
-from wbscale.data.loader import load_manifest
-from wbscale.data.prepare import MANIFEST_FILE, prepare
-from wbscale.data.tokenizer import load_tokenizer
-from wbscale.errors import UserError
-from wbscale.io import atomic_write_json
-from wbscale.launch import launch_rank
-from wbscale.slurm.preemption import cluster_plugins
-from wbscale.train.checkpoint import (
-    AtomicCheckpoint,
+from wbscale.ckpt.elastic import AccumulationChange, plan_resume
+from wbscale.ckpt.format import (
     CheckpointInfo,
     latest_checkpoint,
     latest_intact_checkpoint,
     read_checkpoint,
     verify_checkpoint,
 )
+from wbscale.ckpt.writer import AtomicCheckpoint
+from wbscale.config import Recipe, recipe_from_dict, save_recipe
+from wbscale.data.manifest import MANIFEST_FILE, load_manifest
+from wbscale.data.prepare import prepare
+from wbscale.data.tokenizer import load_tokenizer
+from wbscale.errors import UserError
+from wbscale.io import atomic_write_json
+from wbscale.ranks import is_rank_zero, say, wait_for_rank_zero
+from wbscale.sizing import padded_vocab
+from wbscale.slurm.preemption import cluster_plugins
 from wbscale.train.datamodule import TokenDataModule
-from wbscale.train.elastic import plan_resume
 from wbscale.train.module import LMModule
-from wbscale.train.strategy import build_strategy, strategy_callbacks, wait_for_rank_zero
+from wbscale.train.parallel import parallelize
+from wbscale.train.trainer import accelerator_for, build_trainer, precision_for, quiet_lightning
 
 
 @dataclass
@@ -53,23 +53,12 @@ class FitResult:
     already_complete: bool = False
 
 
-def is_rank_zero() -> bool:
-    """True on the global rank-0 process (before any process group exists)."""
-    return launch_rank() == 0
-
-
-def say(msg: str) -> None:
-    if is_rank_zero():
-        print(f"[wbscale] {msg}", file=sys.stderr, flush=True)
-
-
 def resolve_vocab(recipe: Recipe, data_dir: Path) -> Recipe:
     """Fill ``model.vocab_size`` from the tokenizer (rounded up to a multiple of 64)."""
     manifest = load_manifest(data_dir, verify=False)
     vocab = int(manifest["vocab_size"])
     if recipe.model.vocab_size == 0:
-        padded = (vocab + 63) // 64 * 64  # GEMM-friendly; the extra rows are never targets
-        return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, vocab_size=padded))
+        return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, vocab_size=padded_vocab(vocab)))
     if recipe.model.vocab_size < vocab:
         raise UserError(
             f"model.vocab_size ({recipe.model.vocab_size}) is smaller than the tokenizer's "
@@ -131,25 +120,12 @@ def check_compatible(recipe: Recipe, ckpt: CheckpointInfo, tokenizer_sha: str) -
         )
 
 
-def precision_for(recipe: Recipe, accelerator: str) -> str:
-    if recipe.train.precision != "auto":
-        return recipe.train.precision if recipe.train.precision != "32" else "32-true"
-    if accelerator == "gpu" and torch.cuda.is_bf16_supported():
-        return "bf16-mixed"
-    return "32-true"
-
-
-def accelerator_for(recipe: Recipe) -> str:
-    if recipe.distributed.accelerator != "auto":
-        return recipe.distributed.accelerator
-    return "gpu" if torch.cuda.is_available() else "cpu"
-
-
 def build_callbacks(recipe: Recipe, run_dir: Path, data_dir: Path, meta: dict[str, Any], progress: bool) -> list[L.Callback]:
     """Checkpointing, SLURM preemption, white-box metrics, samples, plots, progress bar."""
     from wbscale.data.loader import val_batches
     from wbscale.slurm.preemption import SlurmPreemption, preemption_enabled
     from wbscale.track.callbacks import Plots, SampleGeneration, WhiteBoxMetrics
+    from wbscale.track.step_metrics import StepMetrics
 
     t = recipe.train
     callbacks: list[L.Callback] = [
@@ -184,6 +160,9 @@ def build_callbacks(recipe: Recipe, run_dir: Path, data_dir: Path, meta: dict[st
         from lightning.pytorch.callbacks import TQDMProgressBar
 
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, t.log_every)))
+    # Elastic resume bookkeeping; then the train/* row, after every callback that changes
+    # gradients (BIMT) so the logged norm includes them.
+    callbacks += [AccumulationChange(), StepMetrics(t.log_every, t.max_steps)]
     return callbacks
 
 
@@ -198,17 +177,6 @@ def build_loggers(recipe: Recipe, run_dir: Path, ckpt: CheckpointInfo | None) ->
     if wandb_logger is not None:
         loggers.append(wandb_logger)
     return loggers
-
-
-def quiet_lightning() -> None:
-    """Keep Lightning's banner lines (GPU/TPU available, tips) and a known upstream
-    deprecation warning out of the run's output; warnings and errors still show."""
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda",
-                 "lightning.pytorch.trainer.connectors.checkpoint_connector"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-    # Printed on every run on a machine with SLURM installed, even outside a job.
-    warnings.filterwarnings("ignore", message=r".*The `srun` command is available on your system but is not used.*")
 
 
 def fit(recipe: Recipe, resume: str = "auto", progress: bool | None = None) -> FitResult:
@@ -251,38 +219,25 @@ def fit(recipe: Recipe, resume: str = "auto", progress: bool | None = None) -> F
         "data_dir": str(data_dir),
     }
     module = LMModule(recipe, extra_state={"tokenizer_sha256": tokenizer_sha, "wandb_id": meta["wandb_id"]})
-    datamodule = TokenDataModule(recipe, data_dir)
-    t = recipe.train
+    if ckpt is None and recipe.bimt.init_from:
+        # a fresh run starts from given weights; a resumed one takes them from its checkpoint
+        load_initial_weights(module.model, recipe.bimt.init_from)
     precision = precision_for(recipe, accelerator)
-    trainer = L.Trainer(
+    strategy = parallelize(module.model, recipe, accelerator, precision, load_universal=plan.load_universal)
+    trainer = build_trainer(
+        recipe,
         accelerator=accelerator,
-        devices=recipe.distributed.devices,
-        num_nodes=recipe.distributed.nodes,
-        strategy=build_strategy(recipe, accelerator, precision, load_universal=plan.load_universal),
         precision=precision,
-        max_steps=t.max_steps,
-        accumulate_grad_batches=t.grad_accum,
-        gradient_clip_val=recipe.optim.grad_clip or None,
-        val_check_interval=t.val_every * t.grad_accum,
-        check_val_every_n_epoch=None,
-        limit_val_batches=t.val_batches,
-        num_sanity_val_steps=0,
-        logger=loggers,
-        callbacks=build_callbacks(recipe, run_dir, data_dir, meta, progress) + strategy_callbacks(recipe),
-        enable_checkpointing=False,
-        enable_progress_bar=progress,
-        enable_model_summary=False,
-        deterministic=t.deterministic and accelerator == "cpu",
-        default_root_dir=str(run_dir),
-        use_distributed_sampler=False,
-        log_every_n_steps=t.log_every,
+        strategy=strategy,
+        callbacks=build_callbacks(recipe, run_dir, data_dir, meta, progress),
+        loggers=loggers,
+        root_dir=run_dir,
+        progress=progress,
         plugins=cluster_plugins(),  # under srun: SLURM's environment, Lightning's auto-requeue off
     )
-    if t.compile:
-        module.model.compile()  # in place: parameter names (and checkpoints) stay unchanged
     # Our own checkpoints carry RNG states (numpy, python) that weights_only loading refuses.
     trainer.fit(
-        module, datamodule=datamodule, ckpt_path=plan.ckpt_path, weights_only=False
+        module, datamodule=TokenDataModule(recipe, data_dir), ckpt_path=plan.ckpt_path, weights_only=False
     )
     if trainer.is_global_zero:
         write_summary(trainer, run_dir, data_dir)
@@ -311,6 +266,16 @@ def write_summary(trainer: L.Trainer, run_dir: Path, data_dir: Path) -> dict[str
             f"training data {summary['unigram_entropy']:.3f} nats/token"
         )
     return summary
+
+
+def load_initial_weights(model: nn.Module, source: str | Path) -> None:
+    """Start a fresh run from another run's (or an export folder's) weights, shapes checked."""
+    from wbscale.ckpt.load import load_for_inference
+    from wbscale.models.base import load_checked
+
+    loaded, _, _ = load_for_inference(source)
+    load_checked(model, loaded.state_dict(), str(source))
+    say(f"initial weights from {source}")
 
 
 def recipe_for_resume(ckpt_path: Path, overrides: list[str]) -> Recipe:

@@ -1,45 +1,22 @@
-"""The LightningModule: loss, optimiser, LR schedule, throughput metrics.
+"""The LightningModule: loss, optimiser, LR schedule.
 
-Research code only: the model is built from the recipe and left unchanged; strategy,
-checkpoints, tracking and sampling live in callbacks and in :mod:`wbscale.train.fit`.
+Research code only: the model is built from the recipe and left unchanged; parallelism
+(:mod:`.parallel`), checkpoints, step metrics, tracking and sampling live in callbacks and
+in :mod:`wbscale.train.fit`.
 """
 
 from __future__ import annotations
 
 import math
-import random
-import time
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 
+from wbscale.ckpt.rng import rng_state, set_rng_state
 from wbscale.config import OptimConfig, Recipe
 from wbscale.models import build_model
-
-# Dense bf16 peak FLOP/s per device, for MFU. Matched by substring of the device name.
-PEAK_FLOPS_BF16 = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "A10G": 70e12,
-    "L4": 121e12,
-    "RTX 4090": 165e12,
-    "V100": 125e12,
-}
-
-
-def device_peak_flops(device: torch.device) -> float | None:
-    """Peak dense bf16 FLOP/s of ``device``, or None where unknown (CPU: no MFU)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in PEAK_FLOPS_BF16.items():
-        if key in name:
-            return flops
-    return None
+from wbscale.track.step_metrics import log_step_metrics
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
@@ -51,21 +28,6 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.max_lr - cfg.min_lr)
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 class LMModule(L.LightningModule):
     """Next-token training of any wbscale language model described by a recipe."""
 
@@ -75,9 +37,7 @@ class LMModule(L.LightningModule):
         self.model = build_model(recipe.model)
         # Written into every checkpoint (tokenizer hash, wandb id): see on_save_checkpoint.
         self.extra_state = dict(extra_state or {})
-        self._window: tuple[int, float] | None = None  # (step, time) where the throughput window began
         self._loss_sum = torch.zeros(())
-        self._grad_norm: float | None = None
         self._val_losses: list[torch.Tensor] = []
 
     # ------------------------------------------------------------------ steps
@@ -106,13 +66,7 @@ class LMModule(L.LightningModule):
         val = self.trainer.strategy.reduce(torch.stack(self._val_losses).mean(), reduce_op="mean")
         val = float(val)
         self.log("val_loss", val, prog_bar=True, logger=False, sync_dist=False)
-        self.log_metrics({"val/loss": val, "val/perplexity": math.exp(min(val, 50.0))})
-
-    def log_metrics(self, metrics: dict[str, float]) -> None:
-        """Send metrics to every logger at the current optimizer step (rank 0 only)."""
-        if self.trainer.is_global_zero:
-            for logger in self.trainer.loggers:
-                logger.log_metrics(metrics, step=self.trainer.global_step)
+        log_step_metrics(self.trainer, {"val/loss": val, "val/perplexity": math.exp(min(val, 50.0))})
 
     # ------------------------------------------------------------------ optimiser
     def configure_optimizers(self):
@@ -127,59 +81,11 @@ class LMModule(L.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
-    def _is_log_step(self, step: int) -> bool:
-        return step % self.recipe.train.log_every == 0 or step == self.recipe.train.max_steps
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if not self._is_log_step(self.trainer.global_step + 1):
-            return
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads:
-            # Norm before clipping (Lightning clips right after this hook).
-            self._grad_norm = float(
-                torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-            )
-
-    # ------------------------------------------------------------------ throughput
-    def tokens_per_step(self) -> int:
-        t = self.recipe.train
-        return t.micro_batch_size * t.grad_accum * self.recipe.model.block_size * self.trainer.world_size
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if (batch_idx + 1) % self.recipe.train.grad_accum != 0:
-            return
-        now = time.perf_counter()
-        step = self.trainer.global_step
-        loss = self.trainer.strategy.reduce(self._loss_sum / self.recipe.train.grad_accum, reduce_op="mean") \
-            if self._is_log_step(step) else None
+    def pop_step_loss(self) -> torch.Tensor:
+        """Mean training loss of the optimizer step just taken (this rank); resets the sum."""
+        loss = self._loss_sum / self.recipe.train.grad_accum
         self._loss_sum = torch.zeros((), device=self.device)
-        if loss is not None:
-            metrics = {
-                "train/loss": float(loss),
-                "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"],
-                "train/tokens_seen": float(step * self.tokens_per_step()),
-            }
-            grad_norm = self._grad_norm
-            engine = getattr(self.trainer.strategy, "deepspeed_engine", None)
-            if engine is not None:
-                # Under ZeRO the gradients are partitioned (p.grad is empty): ask DeepSpeed
-                # for the global norm it computed for clipping.
-                norm = engine.get_global_grad_norm()
-                grad_norm = float(norm) if norm is not None else None
-            if grad_norm is not None:
-                metrics["train/grad_norm"] = grad_norm
-            if self._window is not None and step > self._window[0]:
-                # Averaged over the steps since the last log line, first step excluded (warm-up).
-                tokens_per_second = (step - self._window[0]) * self.tokens_per_step() / (now - self._window[1])
-                metrics["train/tokens_per_second"] = tokens_per_second
-                peak = device_peak_flops(self.device)
-                if peak is not None:
-                    flops = self.model.flops_per_token(self.recipe.model.block_size)
-                    metrics["train/mfu"] = flops * tokens_per_second / (peak * self.trainer.world_size)
-                    metrics["train/memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
-            self.log_metrics(metrics)
-        if self._window is None or loss is not None:
-            self._window = (step, now)
+        return loss
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

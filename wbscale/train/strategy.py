@@ -24,7 +24,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
 
@@ -64,16 +63,6 @@ ZERO_OWNED_KEYS = {
     "cpu_offload": "distributed.offload_optimizer",
     "cpu_offload_param": "distributed.offload_params",
 }
-
-
-def say(msg: str) -> None:
-    """Print once per job (global rank 0 only, also before any process group exists)."""
-    from wbscale.track.jsonl_logger import launch_rank
-
-    if launch_rank() == 0:
-        import sys
-
-        print(f"[wbscale] {msg}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------- config
@@ -372,39 +361,6 @@ def _skip_shm_comm_op() -> None:
         pass
 
 
-class ActivationCheckpointing(L.Callback):
-    """Recompute each block's activations in backward instead of storing them.
-
-    Applied from outside to the unchanged model (torchtitan style): each block's
-    ``forward`` is wrapped in place, so parameter names, and checkpoints, do not change.
-    Calls that record white-box tensors (``record=`` given) run unwrapped.
-    """
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        model = getattr(pl_module, "model", pl_module)
-        blocks = getattr(getattr(model, "transformer", None), "h", None)
-        if blocks is None:
-            return
-        for block in blocks:
-            if getattr(block, "_wbscale_checkpointed", False):
-                continue
-            block.forward = _checkpointed(block.forward)
-            block._wbscale_checkpointed = True
-
-
-def _checkpointed(forward):
-    from torch.utils.checkpoint import checkpoint
-
-    @functools.wraps(forward)
-    def wrapped(x: torch.Tensor, *args: Any, **kwargs: Any):
-        if args or kwargs.get("record") is not None or not torch.is_grad_enabled():
-            return forward(x, *args, **kwargs)
-        # Non-reentrant: works with ZeRO-3's parameter hooks and with torch.compile.
-        return checkpoint(forward, x, use_reentrant=False, **kwargs)
-
-    return wrapped
-
-
 def build_strategy(recipe: Recipe, accelerator: str, precision: str = "32-true", load_universal: bool = False) -> str | Strategy:
     """The Lightning strategy for ``recipe.distributed`` on ``accelerator`` (cpu | gpu)."""
     d = recipe.distributed
@@ -428,56 +384,3 @@ def build_strategy(recipe: Recipe, accelerator: str, precision: str = "32-true",
     import logging
 
     return WBDeepSpeedStrategy(config=config, load_universal=load_universal, logging_level=logging.WARNING)
-
-
-class CPUThreads(L.Callback):
-    """Share the CPU cores among the processes of one node.
-
-    Each process's torch defaults to every core, so 2 processes on 2 cores would run 4
-    threads and slow each other down. torchrun sets OMP_NUM_THREADS=1 itself; Lightning's
-    launcher does not. An explicit OMP_NUM_THREADS always wins.
-    """
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        local = max(1, trainer.num_devices)
-        if trainer.strategy.root_device.type != "cpu" or local == 1 or "OMP_NUM_THREADS" in os.environ:
-            return
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
-
-
-def wait_for_rank_zero(path: Path, what: str, poll_s: float = 0.5) -> None:
-    """Block until ``path`` exists (rank 0 writes it; renamed into place when complete).
-
-    For work done before any process group exists (data preparation, checkpoint
-    conversion) when every rank starts at once (torchrun, srun). The limit is
-    ``WBSCALE_RANK_WAIT_S`` seconds (default 3600).
-    """
-    import time
-
-    timeout = float(os.environ.get("WBSCALE_RANK_WAIT_S", "3600"))
-    deadline = time.monotonic() + timeout
-    while not Path(path).exists():
-        if time.monotonic() > deadline:
-            raise UserError(
-                f"waited {timeout:.0f} s for rank 0 to write {path} ({what}); check rank 0's log "
-                "(or raise WBSCALE_RANK_WAIT_S)"
-            )
-        time.sleep(poll_s)
-
-
-def strategy_callbacks(recipe: Recipe) -> list[L.Callback]:
-    """Callbacks of the distributed side: elastic resume bookkeeping, CPU threads, activation checkpointing."""
-    from wbscale.train.elastic import AccumulationChange
-
-    callbacks: list[L.Callback] = [AccumulationChange(), CPUThreads()]
-    if recipe.distributed.activation_checkpointing:
-        callbacks.append(ActivationCheckpointing())
-    return callbacks
-
-
-def parallel_env() -> dict[str, int]:
-    """World size / ranks as a launcher (torchrun, srun, Lightning) set them in the environment."""
-    env = os.environ
-    world = int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", "1")) or 1)
-    rank = int(env.get("RANK", env.get("SLURM_PROCID", "0")) or 0)
-    return {"world_size": world, "rank": rank}

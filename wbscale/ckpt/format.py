@@ -1,4 +1,4 @@
-"""Atomic checkpoints: one folder per step, a ``last`` pointer, keep-last-N.
+"""The checkpoint format: one folder per step, a ``last`` pointer; reading and verifying it.
 
 Layout under ``runs/<run>/checkpoints/``::
 
@@ -8,31 +8,26 @@ Layout under ``runs/<run>/checkpoints/``::
     last                text file naming the newest complete checkpoint folder
 
 A checkpoint is written into ``.tmp-step-…``, fsynced, then renamed; ``last`` is
-replaced atomically after that. A crash at any point leaves ``last`` naming a complete
-checkpoint (or no ``last`` at all), never a half-written one.
+replaced atomically after that (:mod:`wbscale.ckpt.writer`). A crash at any point leaves
+``last`` naming a complete checkpoint (or no ``last`` at all), never a half-written one.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 
 from wbscale.errors import UserError
-from wbscale.io import atomic_write_json, atomic_write_text, fsync_dir, fsync_tree
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 MODEL_FILE = "model.ckpt"
 META_FILE = "meta.json"
-RNG_DIR = "rng"  # rng/rank-00000.pt …: each rank's RNG states
+RNG_DIR = "rng"  # rng/rank-00000.pt …: each rank's RNG states (wbscale.ckpt.rng)
 
 
 @dataclass(frozen=True)
@@ -103,130 +98,9 @@ def latest_checkpoint(run_dir: Path) -> CheckpointInfo | None:
     return found[-1] if found else None
 
 
-def _step_dir_name(step: int) -> str:
+def step_dir_name(step: int) -> str:
+    """The folder name of the checkpoint of optimizer step ``step``."""
     return f"step-{step:08d}"
-
-
-class AtomicCheckpoint(L.Callback):
-    """Save every ``every`` optimizer steps and at the end of training.
-
-    With ``exit_interval`` the run also saves and stops cleanly at multiples of it.
-
-    ``meta_fn()`` returns the run's metadata (recipe, tokenizer hash, wandb id, …); the
-    callback adds step, samples and topology.
-    """
-
-    def __init__(self, run_dir: Path, every: int, keep_last: int, meta_fn=None, exit_interval: int = 0):
-        self.run_dir = Path(run_dir)
-        self.every = every
-        self.exit_interval = exit_interval
-        self.keep_last = keep_last
-        self.meta_fn = meta_fn or (lambda: {})
-        self.last_saved_step: int | None = None
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
-        accum = trainer.accumulate_grad_batches
-        if (batch_idx + 1) % accum != 0:
-            return
-        step = trainer.global_step
-        stop = self.exit_interval > 0 and step % self.exit_interval == 0
-        if step % self.every == 0 or step >= (trainer.max_steps or 0) or stop:
-            self.save(trainer)
-        if stop and step < trainer.max_steps:
-            trainer.should_stop = True
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.last_saved_step != trainer.global_step and trainer.global_step > 0:
-            self.save(trainer)
-
-    def save(self, trainer: L.Trainer) -> Path:
-        """Write a checkpoint for the current step on every rank; returns its folder."""
-        step = trainer.global_step
-        root = checkpoints_dir(self.run_dir)
-        final = root / _step_dir_name(step)
-        tmp = root / f".tmp-{_step_dir_name(step)}"
-        if trainer.is_global_zero:
-            root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            (tmp / RNG_DIR).mkdir(parents=True)
-        trainer.strategy.barrier("wbscale-ckpt-begin")
-        # Every rank writes: DeepSpeed its shards into model.ckpt/, each rank its RNG state.
-        trainer.save_checkpoint(tmp / MODEL_FILE)
-        _save_rank_rng(tmp, trainer.global_rank)
-        trainer.strategy.barrier("wbscale-ckpt-written")
-        if trainer.is_global_zero:
-            datamodule = trainer.datamodule
-            meta = {
-                "step": step,
-                "samples": datamodule.samples_consumed() if datamodule is not None else None,
-                "world_size": trainer.world_size,
-                "strategy": type(trainer.strategy).__name__,
-                "zero_stage": zero_stage_of(trainer.strategy),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "torch": torch.__version__,
-                # sizes of every file the checkpoint holds: integrity check before resume
-                "files": _file_sizes(tmp),
-                **self.meta_fn(),
-            }
-            atomic_write_json(tmp / META_FILE, meta)
-            fsync_tree(tmp)
-            if final.exists():  # a re-save of the same step (e.g. end of a resumed, finished run)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            fsync_dir(root)
-            atomic_write_text(root / "last", final.name + "\n")
-            self._prune(root)
-        trainer.strategy.barrier("wbscale-ckpt-done")
-        self.last_saved_step = step
-        return final
-
-    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        # The Lightning state holds rank 0's RNG only (the module restores it on every
-        # rank); with the same world size each rank gets its own back.
-        if trainer.ckpt_path:
-            _load_rank_rng(Path(trainer.ckpt_path).parent, trainer.global_rank, trainer.world_size)
-
-    def _prune(self, root: Path) -> None:
-        complete = list_checkpoints(self.run_dir)
-        for old in complete[: max(0, len(complete) - self.keep_last)]:
-            shutil.rmtree(old.path, ignore_errors=True)
-        for stray in root.glob(".tmp-step-*"):  # leftovers of a crash mid-save
-            shutil.rmtree(stray, ignore_errors=True)
-
-
-def zero_stage_of(strategy: Any) -> int | None:
-    """The ZeRO stage a DeepSpeed strategy runs with; None for any other strategy."""
-    config = getattr(strategy, "config", None)
-    if isinstance(config, dict) and isinstance(config.get("zero_optimization"), dict):
-        return int(config["zero_optimization"].get("stage", 0))
-    return None
-
-
-def _file_sizes(folder: Path) -> dict[str, int]:
-    return {
-        str(p.relative_to(folder)): p.stat().st_size
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != META_FILE
-    }
-
-
-def _save_rank_rng(folder: Path, rank: int) -> None:
-    from wbscale.train.module import rng_state
-
-    torch.save(rng_state(), folder / RNG_DIR / f"rank-{rank:05d}.pt")
-
-
-def _load_rank_rng(folder: Path, rank: int, world_size: int) -> None:
-    from wbscale.train.module import set_rng_state
-
-    meta_path = folder / META_FILE
-    path = folder / RNG_DIR / f"rank-{rank:05d}.pt"
-    if not meta_path.is_file() or not path.is_file():
-        return
-    if json.loads(meta_path.read_text()).get("world_size") != world_size:
-        return  # another world size: ranks do not correspond; rank 0's state stays
-    set_rng_state(torch.load(path, map_location="cpu", weights_only=False))
 
 
 def checkpoint_problems(info: CheckpointInfo) -> list[str]:

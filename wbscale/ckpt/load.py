@@ -1,4 +1,4 @@
-"""Load a trained or imported model for eval/generate, and export inference folders.
+"""Load a trained or imported model for inference; write and import export folders.
 
 Two on-disk forms are accepted wherever a ``--ckpt`` is asked for:
 
@@ -10,7 +10,6 @@ Two on-disk forms are accepted wherever a ``--ckpt`` is asked for:
 from __future__ import annotations
 
 import dataclasses
-import math
 import shutil
 from pathlib import Path
 
@@ -19,11 +18,12 @@ import yaml
 from safetensors.torch import load_model, save_model
 from tokenizers import Tokenizer
 
+from wbscale.ckpt.format import read_checkpoint
 from wbscale.config import Recipe, recipe_from_dict, save_recipe
 from wbscale.errors import UserError
 from wbscale.models import build_model
 from wbscale.models.base import LanguageModel
-from wbscale.train.checkpoint import read_checkpoint
+from wbscale.models.published import load_published_crate
 
 WEIGHTS_FILE = "model.safetensors"
 RECIPE_FILE = "recipe.yaml"
@@ -97,39 +97,11 @@ def export_folder(
     return out_dir
 
 
-@torch.no_grad()
-def evaluate(model: LanguageModel, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-    """Mean next-token loss and perplexity over ``batches``."""
-    model.eval()
-    device = next(model.parameters()).device
-    losses = [float(model(x.to(device), y.to(device))[1]) for x, y in batches]
-    loss = sum(losses) / len(losses)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "batches": len(losses)}
-
-
-@torch.no_grad()
-def generate_text(
-    model: LanguageModel, tokenizer: Tokenizer, prompt: str, max_new_tokens: int,
-    temperature: float = 1.0, top_k: int | None = None, seed: int = 0,
-) -> str:
-    """Sample a continuation of ``prompt`` (deterministic for a given seed)."""
-    device = next(model.parameters()).device
-    ids = tokenizer.encode(prompt).ids or [0]
-    idx = torch.tensor([ids], dtype=torch.long, device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(gen.initial_seed())
-        out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k)
-    return tokenizer.decode(out[0].tolist())
-
-
 def import_checkpoint(fmt: str, file: Path, out_dir: Path, tokenizer: str | Path | None = None) -> Path:
     """Convert a published checkpoint into an export folder usable by eval/generate."""
     if fmt != "crate-lm":
         raise UserError(f"unknown checkpoint format {fmt!r}; supported: crate-lm")
-    from wbscale.models.crate import CRATE
-
-    model = CRATE.from_published(file)
+    model = load_published_crate(file)
     recipe = Recipe(model=model.config)
     tok = Path(tokenizer) if tokenizer is not None else None
     if tok is not None and not tok.is_file():

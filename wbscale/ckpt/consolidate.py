@@ -3,7 +3,7 @@
 Works for every strategy and ZeRO stage: a DeepSpeed checkpoint's fp32 master weights are
 gathered from its shards with DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint``
 (no process group, no GPU needed); a single-device / DDP checkpoint is read directly.
-The result is :func:`wbscale.train.inference.export_folder`'s layout::
+The result is :func:`wbscale.ckpt.load.export_folder`'s layout::
 
     OUT/model.safetensors   weights (fp32 or bf16), tied LM head stored once
     OUT/recipe.yaml         the resolved recipe the model was trained with
@@ -21,9 +21,11 @@ from typing import Literal
 
 import torch
 
+from wbscale.ckpt.format import CheckpointInfo, read_checkpoint, verify_checkpoint
+from wbscale.ckpt.load import TOKENIZER_FILE, export_folder
 from wbscale.config import Recipe, recipe_from_dict
 from wbscale.errors import UserError
-from wbscale.train.checkpoint import CheckpointInfo, read_checkpoint, verify_checkpoint
+from wbscale.models import build_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -58,9 +60,6 @@ def model_weights(info: CheckpointInfo) -> dict[str, torch.Tensor]:
 
 def consolidate(path: str | Path, out: str | Path, dtype: Literal["fp32", "bf16"] = "fp32") -> Path:
     """Write an export folder for the checkpoint at ``path`` (checkpoint or run folder)."""
-    from wbscale.models import build_model
-    from wbscale.train.inference import TOKENIZER_FILE, export_folder
-
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     info = read_checkpoint(Path(path))

@@ -1,17 +1,14 @@
-"""BIMT timings at GPT-2 124M shape (random weights): a swap round and the cost gradient.
+"""``wbscale bench bimt``: BIMT timings at GPT-2 124M shape (random weights).
 
-    python -m wbscale.bimt.bench [--device cpu] [--top-k 32] [--batch 1] [--seq 1024]
-
-Prints JSON: seconds for one swap round over all MLP layers (decide + apply, with AdamW
-state), over heads and over the residual stream; seconds of ``add_cost_gradient`` and of
-one forward + backward + AdamW step of ``--batch`` x ``--seq`` tokens, and their ratio.
+Times one swap round over all MLP layers (decide + apply, with AdamW state), over heads and
+over the residual stream; ``add_cost_gradient`` and one forward + backward + AdamW step of
+``batch`` x ``seq`` tokens, and their ratio.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
+from typing import Any
 
 import torch
 
@@ -20,6 +17,8 @@ from wbscale.bimt.geometry import lm_geometry
 from wbscale.bimt.swaps import apply_permutation, decide_swaps
 from wbscale.config import ModelConfig
 from wbscale.models import GPT2
+
+__all__ = ["bench_bimt"]
 
 
 def _timed(fn, repeat: int = 3) -> float:
@@ -31,19 +30,14 @@ def _timed(fn, repeat: int = 3) -> float:
     return best
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--top-k", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--seq", type=int, default=1024)
-    args = parser.parse_args(argv)
+def bench_bimt(device: str = "cpu", top_k: int = 32, batch: int = 1, seq: int = 1024) -> dict[str, Any]:
+    """Seconds of a swap round per kind, of the cost gradient and of a train step (see module doc)."""
     torch.manual_seed(0)
     cfg = ModelConfig(arch="gpt2", n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257)
-    model = GPT2(cfg).to(args.device)
+    model = GPT2(cfg).to(device)
     geom = lm_geometry(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    idx = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=args.device)
+    idx = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
 
     def step() -> None:
         opt.zero_grad(set_to_none=False)
@@ -53,21 +47,21 @@ def main(argv: list[str] | None = None) -> dict:
     step()  # AdamW state exists from here on
 
     def sync() -> None:
-        if args.device.startswith("cuda"):
+        if device.startswith("cuda"):
             torch.cuda.synchronize()
 
     def round_over(kind: str) -> int:
         accepted = 0
         for g in geom.swappable():
             if g.kind == kind:
-                d = decide_swaps(model, geom, g.name, args.top_k)
+                d = decide_swaps(model, geom, g.name, top_k)
                 if d.accepted:
                     apply_permutation(model, geom, g.name, d.perm, opt)
                 accepted += d.accepted
         sync()
         return accepted
 
-    result = {"device": args.device, "top_k": args.top_k, "threads": torch.get_num_threads()}
+    result: dict[str, Any] = {"device": device, "top_k": top_k, "threads": torch.get_num_threads()}
     for kind in ("hidden", "heads", "residual"):
         t0 = time.perf_counter()
         result[f"swaps_{kind}"] = round_over(kind)
@@ -75,11 +69,6 @@ def main(argv: list[str] | None = None) -> dict:
     add_cost_gradient(model, geom, 1e-4)  # builds the shared factor matrices once
     result["cost_gradient_s"] = _timed(lambda: (add_cost_gradient(model, geom, 1e-4), sync()))
     result["train_step_s"] = _timed(lambda: (step(), sync()), repeat=2)
-    result["tokens_per_step"] = args.batch * args.seq
+    result["tokens_per_step"] = batch * seq
     result["cost_gradient_overhead"] = result["cost_gradient_s"] / result["train_step_s"]
-    print(json.dumps(result, indent=2))
     return result
-
-
-if __name__ == "__main__":
-    main()

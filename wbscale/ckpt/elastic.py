@@ -47,13 +47,18 @@ from typing import Any
 import lightning as L
 import torch
 
+from wbscale.ckpt.format import CheckpointInfo, read_checkpoint, verify_checkpoint
 from wbscale.config import Recipe, recipe_from_dict
 from wbscale.errors import UserError
-from wbscale.train.checkpoint import CheckpointInfo
+from wbscale.models import CRATE, build_model
+from wbscale.ranks import is_rank_zero, say, wait_for_rank_zero
 
 UNIVERSAL_DIR = "universal"
 FULL_FILE = "full.ckpt"
 DS_TAG = "checkpoint"  # the tag Lightning's DeepSpeedStrategy saves under
+# The training module holds the language model as ``.model``: Lightning state-dict keys
+# are ``model.<parameter name>``.
+MODULE_PREFIX = "model."
 # Lightning-checkpoint keys that DeepSpeed stores itself (not client state)
 _DS_MODEL_STATE_KEYS = {
     "module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
@@ -122,40 +127,22 @@ def plan_resume(recipe: Recipe, ckpt: CheckpointInfo | None) -> ResumePlan:
     change = f"checkpoint step {ckpt.step} was written by {saved.describe()}; resuming with {now.describe()}"
     if now.sharded:
         universal = ensure_universal(ckpt, recipe)
-        _say(f"{change}: loading the universal checkpoint {universal}")
+        say(f"{change}: loading the universal checkpoint {universal}")
         return ResumePlan(str(universal), load_universal=True, converted=change)
     full = ensure_full_checkpoint(ckpt, recipe)
-    _say(f"{change}: loading the consolidated checkpoint {full}")
+    say(f"{change}: loading the consolidated checkpoint {full}")
     return ResumePlan(str(full), converted=change)
 
 
 # ---------------------------------------------------------------------------- rank 0 converts
 
 
-def _say(msg: str) -> None:
-    from wbscale.train.strategy import say
-
-    say(msg)
-
-
-def _is_converter() -> bool:
-    from wbscale.track.jsonl_logger import launch_rank
-
-    return launch_rank() == 0
-
-
-def _wait_for(path: Path, what: str) -> None:
-    from wbscale.train.strategy import wait_for_rank_zero
-
-    wait_for_rank_zero(path, what)
-
-
 def _build_once(final: Path, what: str, build) -> Path:
     """Rank 0 builds ``final`` via a temp path + rename; other ranks wait for it."""
     if final.exists():
         return final
-    if not _is_converter():
-        _wait_for(final, what)
+    if not is_rank_zero():
+        wait_for_rank_zero(final, what)
         return final
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     if tmp.exists():
@@ -174,8 +161,6 @@ def _build_once(final: Path, what: str, build) -> Path:
 
 def ensure_universal(ckpt: CheckpointInfo, recipe: Recipe | None = None) -> Path:
     """``step-…/universal/`` for any checkpoint (DeepSpeed shards or a full file)."""
-    from wbscale.train.checkpoint import verify_checkpoint
-
     verify_checkpoint(ckpt)
     final = ckpt.path / UNIVERSAL_DIR
     if ckpt.model_path.is_dir():
@@ -338,12 +323,10 @@ def optimizer_param_names(recipe: Recipe) -> tuple[list[str], list[dict[str, Any
 
     Built on the meta device: no memory is allocated for the weights.
     """
-    from wbscale.train.module import LMModule
-
     with torch.device("meta"):
-        module = LMModule(recipe)
-    by_id = {id(p): f"model.{n}" for n, p in module.model.named_parameters()}
-    groups = module.model.configure_param_groups(recipe.optim.weight_decay)
+        model = build_model(recipe.model)
+    by_id = {id(p): f"{MODULE_PREFIX}{n}" for n, p in model.named_parameters()}
+    groups = model.configure_param_groups(recipe.optim.weight_decay)
     names, meta_groups = [], []
     for group in groups:
         names.extend(by_id[id(p)] for p in group["params"])
@@ -353,13 +336,12 @@ def optimizer_param_names(recipe: Recipe) -> tuple[list[str], list[dict[str, Any
 
 def tied_aliases(recipe: Recipe) -> dict[str, str]:
     """``{alias: canonical name}`` of parameters shared under two names (``model.…`` keys)."""
-    from wbscale.train.module import LMModule
-
     with torch.device("meta"):
-        module = LMModule(recipe)
+        model = build_model(recipe.model)
     first: dict[int, str] = {}
     aliases: dict[str, str] = {}
-    for name, param in module.named_parameters(remove_duplicate=False):
+    for name, param in model.named_parameters(remove_duplicate=False):
+        name = MODULE_PREFIX + name
         if id(param) in first:
             aliases[name] = first[id(param)]
         else:
@@ -384,6 +366,9 @@ def read_universal(universal: Path) -> tuple[dict[str, torch.Tensor], dict[str, 
             if step_file.exists():
                 moments[name]["step"] = torch.load(step_file, map_location="cpu", weights_only=False)
     opt = torch.load(zero / "optimizer_state.pt", map_location="cpu", weights_only=False)
+    # folders written before CRATE's block renames (prenorm_1/2, ista.weight)
+    CRATE.upgrade_state_dict(weights, prefix=MODULE_PREFIX)
+    CRATE.upgrade_state_dict(moments, prefix=MODULE_PREFIX)
     return weights, moments, opt
 
 
@@ -450,8 +435,6 @@ def full_training_state(path: Path) -> dict[str, Any]:
     Returns ``{"weights": {name: fp32}, "moments": {name: {"exp_avg", "exp_avg_sq"}},
     "step": int}``; a sharded checkpoint is read through its universal form.
     """
-    from wbscale.train.checkpoint import read_checkpoint
-
     ckpt = read_checkpoint(path)
     recipe = recipe_from_dict(ckpt.meta["recipe"])
     if ckpt.model_path.is_dir():

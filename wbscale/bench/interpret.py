@@ -1,8 +1,8 @@
-"""Collect throughput vs a plain forward pass over the same tokens, in one process.
+"""``wbscale bench interpret``: collect throughput vs a plain forward pass over the same tokens.
 
-    python -m wbscale.interpret.bench --ckpt runs/demo --tokens 16384 --device cpu
+    wbscale bench interpret --ckpt runs/demo --tokens 16384 --device cpu
 
-Prints JSON: tokens/s of ``model(idx)`` (logits, every layer) and of the streaming phase
+Measures tokens/s of ``model(idx)`` (logits, every layer) and of the streaming phase
 of :func:`wbscale.interpret.collect.collect` (top-k, frequencies; the one-off final step
 that reads contexts back and writes files is reported apart), best of ``repeats``,
 alternating the two so that a noisy machine slows both alike.
@@ -10,8 +10,6 @@ alternating the two so that a noisy machine slows both alike.
 
 from __future__ import annotations
 
-import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -19,12 +17,14 @@ from typing import Any
 
 import torch
 
+from wbscale.ckpt.load import load_for_inference
 from wbscale.interpret.collect import TokenStream, _batches, _resolve_device, collect
-from wbscale.train.inference import load_for_inference
+
+__all__ = ["bench_interpret"]
 
 
-def benchmark(ckpt: str, data_dir: str | None = None, tokens: int = 16384, batch_size: int = 8,
-              device: str = "cpu", repeats: int = 2, layers: str | None = None) -> dict[str, Any]:
+def bench_interpret(ckpt: str, data_dir: str | None = None, tokens: int = 16384, batch_size: int = 8,
+                    device: str = "cpu", repeats: int = 2, layers: str | None = None) -> dict[str, Any]:
     """Tokens/s of a plain forward and of collect's streaming phase over the same tokens."""
     dev = _resolve_device(device)
     model, recipe, _ = load_for_inference(ckpt, device=str(dev))
@@ -58,20 +58,3 @@ def benchmark(ckpt: str, data_dir: str | None = None, tokens: int = 16384, batch
         "finalize_seconds": min(finalize),
     }
 
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("--data")
-    p.add_argument("--tokens", type=int, default=16384)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--layers")
-    a = p.parse_args(argv)
-    print(json.dumps(benchmark(a.ckpt, a.data, a.tokens, a.batch_size, a.device, a.repeats, a.layers), indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

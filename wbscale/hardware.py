@@ -1,0 +1,57 @@
+"""GPU facts: memory and dense bf16 peak FLOP/s per model, for MFU and the memory planner.
+
+One table serves both: ``recipes check --gpu NAME`` looks a GPU up by its key, the MFU of a
+running job by the name CUDA reports (``torch.cuda.get_device_name``). Peaks are NVIDIA's
+dense (no sparsity) bf16 tensor-core numbers; memory is as sold (GB = 1e9 bytes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class GPU:
+    """One GPU model: ``names`` are substrings of the CUDA device name that identify it."""
+
+    memory: float  # bytes
+    peak_bf16: float  # FLOP/s, dense
+    names: tuple[str, ...] = ()
+
+
+# Order matters for name matching: the more specific name first (H100 PCIe before H100).
+GPUS: dict[str, GPU] = {
+    "h200-141gb": GPU(141 * GB, 989e12, ("H200",)),
+    "h100-pcie-80gb": GPU(80 * GB, 756e12, ("H100 PCIe",)),
+    "h100-nvl-94gb": GPU(94 * GB, 835e12, ("H100 NVL",)),
+    "h100-80gb": GPU(80 * GB, 989e12, ("H100",)),  # SXM (HBM3)
+    "h100-94gb": GPU(94 * GB, 989e12),
+    "a100-80gb": GPU(80 * GB, 312e12, ("A100",)),
+    "a100-40gb": GPU(40 * GB, 312e12),
+    "l40s-48gb": GPU(48 * GB, 362e12, ("L40S",)),
+    "a10g-24gb": GPU(24 * GB, 70e12, ("A10G",)),
+    "l4-24gb": GPU(24 * GB, 121e12, ("L4",)),
+    "rtx4090-24gb": GPU(24 * GB, 165e12, ("RTX 4090",)),
+    "v100-32gb": GPU(32 * GB, 125e12, ("V100",)),
+    "v100-16gb": GPU(16 * GB, 125e12),
+}
+
+
+def gpu_for_name(device_name: str) -> GPU | None:
+    """The table entry whose name pattern occurs in a CUDA device name, or None."""
+    for gpu in GPUS.values():
+        if any(pattern in device_name for pattern in gpu.names):
+            return gpu
+    return None
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    """Peak dense bf16 FLOP/s of ``device``, or None where unknown (CPU: no MFU)."""
+    if device.type != "cuda":
+        return None
+    gpu = gpu_for_name(torch.cuda.get_device_name(device))
+    return gpu.peak_bf16 if gpu is not None else None
