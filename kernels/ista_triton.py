@@ -12,8 +12,9 @@ in place. Up to four (A_s, B_s, scale_s) segments that share shapes and strides 
 GEMM with K = n_segments * T: that is how the weight gradient ``[z2; eta g2; -z1; eta g1]^T
 [gy; u; gu; x]`` is one launch with one fp32 accumulator. When the m x d output has too few
 tiles to fill the GPU the autotuner may split the token dimension (split-K) and add the
-partial sums with fp32 atomics into a zeroed buffer; the weight gradient's summation order
-then varies from run to run on the GPU (last-bit differences, as with cuBLAS split-K).
+partial sums with relaxed fp32 atomics into a zeroed buffer; the weight gradient's
+summation order then varies from run to run on the GPU (last-bit differences, as with
+cuBLAS split-K). The split count is a runtime argument: split 2, 4 and 8 share one binary.
 
 Overcomplete block (x: T x d, W: m x d), 4 GEMMs forward, 4 + 1 (K = 4T) backward:
 
@@ -33,23 +34,44 @@ Square block (x: T x d, W: d x d), 2 GEMMs forward, 2 + 1 (K = 2T) backward:
     g   = gy * [out > 0]        (A prologue)   dr  = eta * g W^T
     gx  = g + dr - dr W                        gW^T = eta g^T r - x^T dr   (stored transposed)
 
-Saved for backward: x and the codes (z1, z2, u) -- square: (r, out) -- in the input dtype,
-or only x with ``save_activations=False`` (the backward then recomputes them: +3 GEMMs
-overcomplete, +2 square). Intermediates of the backward (g2, gu, g1 / dr) are stored in the
-input dtype too, as eager autograd does; every GEMM accumulates in fp32.
+What the forward keeps for backward (``save``), in the input dtype:
+
+    "all"  x and every code: (z1, u, z2) -- square (r, out)   1.0x eager's activations
+    "x_u"  x and u -- square x and r; the backward recomputes z1 and z2 (+2 GEMMs) -- square
+           out (+1)                                           ~0.2x (overcomplete)
+    "x"    x only; the backward recomputes the whole forward (+3 GEMMs, square +2)  ~0.1x
+
+(``True`` means "all" and ``False`` means "x", the old boolean ``save_activations``.)
+Intermediates of the backward (g2, gu, g1 / dr) are stored in the input dtype too, as eager
+autograd does; every GEMM accumulates in fp32. The weight gradient comes back in the
+weight's own dtype straight from the fp32 accumulator, so an fp32 master weight under
+autocast gets an fp32 gradient that never went through bf16.
+
+Both blocks are torch custom ops (``wbscale::ista_overcomplete``, ``wbscale::ista_square``
+and their ``*_backward``) with a registered autograd formula and fake (meta) kernels, so
+``torch.compile`` of a whole CRATE model keeps every ISTA block in its graph: no graph break.
+
+Tiles: every launch of a problem with at least ``TUNE_MIN_TOKENS`` tokens (training sizes)
+is autotuned over a few Hopper-sized configs, keyed on the token count rounded up to a
+power of two (a new sequence length within the bucket does not tune again); smaller
+problems, and no-grad calls under ``TUNE_MIN_TOKENS_NO_GRAD`` tokens (``generate()``), run
+one fixed small config (``FIXED_CONFIG``) and never tune.
 
 float64 inputs and CPU tensors without ``TRITON_INTERPRET=1`` cannot use the Triton GEMM
-(fp64 MMA is not a target here); float64 runs the same autograd.Functions with the GEMM
-spelled in PyTorch (``_gemm_torch``: the same formula, no fusion), which is what
+(fp64 MMA is not a target here); float64 runs the same custom ops with the GEMM spelled in
+PyTorch (``_gemm_torch``: the same formula, no fusion), which is what
 ``torch.autograd.gradcheck`` checks the derivation with.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import os
 import warnings
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import triton
@@ -59,9 +81,16 @@ from torch import Tensor
 from .reference import ista_overcomplete_reference, ista_square_reference
 
 __all__ = [
+    "FIXED_CONFIG",
+    "SAVE_MODES",
+    "TUNE_MIN_TOKENS",
+    "TUNE_MIN_TOKENS_NO_GRAD",
     "force_config",
     "forward_codes",
     "ista_triton",
+    "normalize_save",
+    "trace_gemms",
+    "tuned_configs",
 ]
 
 # Read once, like @triton.jit does: kernels decorated without the interpreter cannot run on
@@ -69,6 +98,18 @@ __all__ = [
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _ALIGN = 16  # tl.dot tiles are >= 16 wide; d, m multiples of 16 keep every row 32-byte aligned
+SAVE_MODES = ("all", "x_u", "x")
+
+
+def _atomic_sem_supported() -> bool:
+    """Whether this Triton's ``tl.atomic_add`` takes ``sem=`` (2.1 and later)."""
+    try:
+        return "sem" in inspect.signature(tl.atomic_add).parameters
+    except (TypeError, ValueError):  # pragma: no cover - an unusual wrapper
+        return False
+
+
+_RELAXED_ATOMICS = _atomic_sem_supported()
 
 
 # --------------------------------------------------------------------------------------
@@ -143,6 +184,70 @@ def _tile_ptrs(ptr, row0, col0, stride_m, stride_n, BLOCK_M: tl.constexpr, BLOCK
 
 
 @triton.jit
+def _epilogue(
+    v, row0, col0, M, N,
+    c_ptr, aux_ptr, gated_ptr, gate_ptr, mask_ptr,
+    stride_cm, stride_cn, stride_xm, stride_xn, stride_gm, stride_gn, stride_mm, stride_mn,
+    beta,
+    HAS_AUX: tl.constexpr,
+    HAS_GATED: tl.constexpr,
+    RELU: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    RNE_BF16: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    RELAXED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Store mask(relu(aux + v + beta + gated * [gate > 0])) for the (BLOCK_M, BLOCK_N) tile."""
+    c_ok = ((row0 + tl.arange(0, BLOCK_M)) < M)[:, None] & ((col0 + tl.arange(0, BLOCK_N)) < N)[
+        None, :
+    ]
+    # same evaluation order as the eager reference (aux + v, then + beta), so fp32 results
+    # round the same way and the sparse code has the reference's zeros
+    if HAS_AUX:
+        aux_ptrs = _tile_ptrs(aux_ptr, row0, col0, stride_xm, stride_xn, BLOCK_M, BLOCK_N)
+        v = tl.load(aux_ptrs, mask=c_ok, other=0.0).to(tl.float32) + v
+    v = v + beta
+    if HAS_GATED:
+        gate = tl.load(
+            _tile_ptrs(gate_ptr, row0, col0, stride_gm, stride_gn, BLOCK_M, BLOCK_N),
+            mask=c_ok,
+            other=0.0,
+        )
+        gated = tl.load(
+            _tile_ptrs(gated_ptr, row0, col0, stride_gm, stride_gn, BLOCK_M, BLOCK_N),
+            mask=c_ok,
+            other=0.0,
+        )
+        v += tl.where(gate > 0, gated.to(tl.float32), 0.0)
+    if RELU:
+        v = tl.where(v < 0, 0.0, v)  # not tl.maximum: a NaN must stay NaN, as in torch.relu
+    if HAS_MASK:
+        keep = tl.load(
+            _tile_ptrs(mask_ptr, row0, col0, stride_mm, stride_mn, BLOCK_M, BLOCK_N),
+            mask=c_ok,
+            other=0.0,
+        )
+        v = tl.where(keep > 0, v, 0.0)
+    c_ptrs = _tile_ptrs(c_ptr, row0, col0, stride_cm, stride_cn, BLOCK_M, BLOCK_N)
+    if ATOMIC:
+        # fp32 buffer, zeroed by the launcher; the partial sums need no ordering among
+        # themselves (the kernel boundary orders them for the reader), so relaxed suffices
+        if RELAXED:
+            tl.atomic_add(c_ptrs, v, mask=c_ok, sem="relaxed")
+        else:
+            tl.atomic_add(c_ptrs, v, mask=c_ok)
+    elif RNE_BF16:
+        # the interpreter truncates fp32 -> bf16; round to nearest even by hand, as the GPU does
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        tl.store(c_ptrs, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=c_ok)
+    else:
+        tl.store(c_ptrs, v.to(c_ptr.dtype.element_ty), mask=c_ok)
+
+
+@triton.jit(do_not_specialize=["SPLIT_K", "M_BUCKET", "K_BUCKET"])
 def _gemm_kernel(
     a0_ptr, b0_ptr, a1_ptr, b1_ptr, a2_ptr, b2_ptr, a3_ptr, b3_ptr,
     c_ptr, aux_ptr, gated_ptr, gate_ptr, mask_ptr, amask_ptr,
@@ -153,6 +258,8 @@ def _gemm_kernel(
     stride_gm, stride_gn,  # gated and gate
     stride_mm, stride_mn,  # mask
     scale0, scale1, scale2, scale3, beta,
+    M_BUCKET, K_BUCKET,  # autotune key only: M and K rounded up to a power of two
+    SPLIT_K,  # runtime: one binary serves every split count > 1
     NUM_SEG: tl.constexpr,
     HAS_AUX: tl.constexpr,
     HAS_GATED: tl.constexpr,
@@ -162,11 +269,13 @@ def _gemm_kernel(
     UPCAST: tl.constexpr,
     RNE_BF16: tl.constexpr,
     PRECISION: tl.constexpr,
+    RELAXED: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    ATOMIC: tl.constexpr,  # SPLIT_K > 1: accumulate into a zeroed fp32 buffer
+    EPI_SUBTILE: tl.constexpr,  # 2: run an epilogue that reads tensors on two column halves
 ):  # fmt: skip
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -214,57 +323,45 @@ def _gemm_kernel(
                                   False, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
     v = acc * scale
 
-    c_ok = ((row0 + tl.arange(0, BLOCK_M)) < M)[:, None] & ((col0 + tl.arange(0, BLOCK_N)) < N)[
-        None, :
-    ]
-    # same evaluation order as the eager reference (aux + v, then + beta), so fp32 results
-    # round the same way and the sparse code has the reference's zeros
-    if HAS_AUX:
-        aux_ptrs = _tile_ptrs(aux_ptr, row0, col0, stride_xm, stride_xn, BLOCK_M, BLOCK_N)
-        v = tl.load(aux_ptrs, mask=c_ok, other=0.0).to(tl.float32) + v
-    v = v + beta
-    if HAS_GATED:
-        gate = tl.load(
-            _tile_ptrs(gate_ptr, row0, col0, stride_gm, stride_gn, BLOCK_M, BLOCK_N),
-            mask=c_ok,
-            other=0.0,
-        )
-        gated = tl.load(
-            _tile_ptrs(gated_ptr, row0, col0, stride_gm, stride_gn, BLOCK_M, BLOCK_N),
-            mask=c_ok,
-            other=0.0,
-        )
-        v += tl.where(gate > 0, gated.to(tl.float32), 0.0)
-    if RELU:
-        v = tl.where(v < 0, 0.0, v)  # not tl.maximum: a NaN must stay NaN, as in torch.relu
-    if HAS_MASK:
-        keep = tl.load(
-            _tile_ptrs(mask_ptr, row0, col0, stride_mm, stride_mn, BLOCK_M, BLOCK_N),
-            mask=c_ok,
-            other=0.0,
-        )
-        v = tl.where(keep > 0, v, 0.0)
-    c_ptrs = _tile_ptrs(c_ptr, row0, col0, stride_cm, stride_cn, BLOCK_M, BLOCK_N)
-    if SPLIT_K == 1:
-        if RNE_BF16:
-            # the interpreter truncates fp32 -> bf16; round to nearest even by hand, as the GPU does
-            bits = v.to(tl.uint32, bitcast=True)
-            bits = bits + 0x7FFF + ((bits >> 16) & 1)
-            tl.store(c_ptrs, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=c_ok)
-        else:
-            tl.store(c_ptrs, v.to(c_ptr.dtype.element_ty), mask=c_ok)
+    # At 128 x 256 with 8 warps the fp32 accumulator alone is 128 registers per thread; an
+    # epilogue that also holds a full aux / mask / gate tile of the same shape spills. Split
+    # into two 128 x 128 column halves, each loads half the epilogue operands at a time
+    # (the autotuner offers it only to launches whose epilogue reads tensors).
+    if EPI_SUBTILE == 2:
+        halves = tl.permute(tl.reshape(v, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+        v_left, v_right = tl.split(halves)
+        _epilogue(v_left, row0, col0, M, N,
+                  c_ptr, aux_ptr, gated_ptr, gate_ptr, mask_ptr,
+                  stride_cm, stride_cn, stride_xm, stride_xn, stride_gm, stride_gn, stride_mm, stride_mn,
+                  beta, HAS_AUX, HAS_GATED, RELU, HAS_MASK, RNE_BF16, ATOMIC, RELAXED,
+                  BLOCK_M, BLOCK_N // 2)  # fmt: skip
+        _epilogue(v_right, row0, col0 + BLOCK_N // 2, M, N,
+                  c_ptr, aux_ptr, gated_ptr, gate_ptr, mask_ptr,
+                  stride_cm, stride_cn, stride_xm, stride_xn, stride_gm, stride_gn, stride_mm, stride_mn,
+                  beta, HAS_AUX, HAS_GATED, RELU, HAS_MASK, RNE_BF16, ATOMIC, RELAXED,
+                  BLOCK_M, BLOCK_N // 2)  # fmt: skip
     else:
-        tl.atomic_add(c_ptrs, v, mask=c_ok)  # fp32 buffer, zeroed by the launcher
+        _epilogue(v, row0, col0, M, N,
+                  c_ptr, aux_ptr, gated_ptr, gate_ptr, mask_ptr,
+                  stride_cm, stride_cn, stride_xm, stride_xn, stride_gm, stride_gn, stride_mm, stride_mn,
+                  beta, HAS_AUX, HAS_GATED, RELU, HAS_MASK, RNE_BF16, ATOMIC, RELAXED,
+                  BLOCK_M, BLOCK_N)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------
 # Autotuning
 # --------------------------------------------------------------------------------------
 
+# Problems with fewer tokens than this run FIXED_CONFIG (tests, tiny batches); no-grad calls
+# (inference, generate()) up to TUNE_MIN_TOKENS_NO_GRAD tokens do too, so a growing sequence
+# never triggers a tuning run.
+TUNE_MIN_TOKENS = 4096
+TUNE_MIN_TOKENS_NO_GRAD = 65536
+
 _KEY = [
-    "M",
+    "M_BUCKET",
     "N",
-    "K",
+    "K_BUCKET",
     "NUM_SEG",
     "HAS_AUX",
     "HAS_GATED",
@@ -273,72 +370,123 @@ _KEY = [
     "HAS_AMASK",
     "PRECISION",
 ]
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps): the Hopper/Ampere matmul-tutorial set
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps, EPI_SUBTILE): Hopper-sized tiles only;
+# at training sizes (T >= 4096 tokens, d >= 512) nothing smaller wins. 128 x 256 comes with
+# and without the split epilogue: the tuner measures which one the register budget favours.
 _GPU_TILES = [
-    (128, 256, 64, 3, 8),
-    (256, 128, 64, 3, 8),
-    (128, 128, 64, 4, 8),
-    (128, 128, 64, 3, 4),
-    (128, 128, 32, 4, 4),
-    (128, 64, 64, 4, 4),
-    (64, 128, 64, 4, 4),
-    (64, 64, 64, 4, 4),
-    (64, 64, 32, 5, 2),
-    (32, 64, 32, 5, 2),
-    (16, 64, 64, 4, 2),
+    (128, 256, 64, 4, 8, 1),
+    (128, 256, 64, 4, 8, 2),
+    (256, 128, 64, 3, 8, 1),
+    (128, 128, 64, 4, 8, 1),
+    (128, 128, 64, 3, 4, 1),
 ]
 _GPU_WGRAD_TILES = [
-    (128, 256, 64, 3, 8),
-    (128, 128, 64, 4, 8),
-    (128, 128, 64, 3, 4),
-    (64, 128, 64, 4, 4),
+    (128, 256, 64, 4, 8, 1),
+    (256, 128, 64, 3, 8, 1),
+    (128, 128, 64, 4, 8, 1),
 ]
-# The interpreter runs each program in Python: few, large-ish tiles keep tests fast.
-_INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "SPLIT_K": 1}
+_SPLITS = (1, 2, 4, 8)
+# The fixed config: small problems, inference, and every launch under the interpreter (which
+# runs each program in Python: few, large-ish tiles keep tests fast).
+_INTERPRET_CONFIG = {
+    "BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "SPLIT_K": 1, "EPI_SUBTILE": 1,
+}  # fmt: skip
+_GPU_FIXED_CONFIG = {
+    "BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "SPLIT_K": 1, "EPI_SUBTILE": 1,
+}  # fmt: skip
+FIXED_CONFIG: dict[str, int] = dict(_INTERPRET_CONFIG if _INTERPRET else _GPU_FIXED_CONFIG)
+_FIXED_LAUNCH = {"num_warps": 4, "num_stages": 1 if _INTERPRET else 3}
 
 
-def _config(bm: int, bn: int, bk: int, stages: int, warps: int, split_k: int = 1) -> triton.Config:
-    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "SPLIT_K": split_k}
+def _config(
+    bm: int, bn: int, bk: int, stages: int, warps: int, subtile: int, split_k: int = 1
+) -> triton.Config:
+    meta = {
+        "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8,
+        "SPLIT_K": split_k, "ATOMIC": split_k > 1, "EPI_SUBTILE": subtile,
+    }  # fmt: skip
     return triton.Config(meta, num_stages=stages, num_warps=warps)
+
+
+def _fixed_triton_config() -> triton.Config:
+    return triton.Config({**FIXED_CONFIG, "ATOMIC": False}, **_FIXED_LAUNCH)
 
 
 def _gemm_configs() -> list[triton.Config]:
     if _INTERPRET:
-        return [triton.Config(dict(_INTERPRET_CONFIG), num_stages=1, num_warps=4)]
+        return [_fixed_triton_config()]
     return [_config(*t) for t in _GPU_TILES]
 
 
 def _wgrad_configs() -> list[triton.Config]:
     if _INTERPRET:
-        return [triton.Config(dict(_INTERPRET_CONFIG), num_stages=1, num_warps=4)]
-    return [_config(*t, split_k=s) for t in _GPU_WGRAD_TILES for s in (1, 2, 4, 8)]
+        return [_fixed_triton_config()]
+    return [_config(*t, split_k=s) for t in _GPU_WGRAD_TILES for s in _SPLITS]
 
 
-def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drop tiles far larger than the problem and split-K that leaves a split under 256 rows."""
+@functools.cache
+def _device_limits(index: int) -> tuple[int, int]:
+    """(streaming multiprocessors, shared memory per block in bytes) of CUDA device ``index``."""
+    props = torch.cuda.get_device_properties(index)
+    smem = getattr(props, "shared_memory_per_block_optin", 0)
+    if not smem:
+        try:
+            smem = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+        except Exception:  # pragma: no cover - an unusual driver
+            smem = 227 * 1024
+    return props.multi_processor_count, int(smem)
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs: Any) -> list[triton.Config]:
+    """Keep the configs worth timing for this launch.
+
+    Drops tiles far larger than the problem, pipelines that do not fit in shared memory
+    (fp32 operands, or an Ampere part), the split epilogue where the epilogue reads nothing,
+    split-K that leaves a split under 256 rows or makes more than 4 waves of programs.
+    """
     m, n, k = named_args["M"], named_args["N"], named_args["K"]
+    a0 = named_args["a0_ptr"]
+    element = a0.element_size()
+    sms, smem = _device_limits(a0.device.index or 0) if a0.is_cuda else (132, 227 * 1024)
+    loads = bool(kwargs.get("HAS_AUX") or kwargs.get("HAS_MASK") or kwargs.get("HAS_GATED"))
     cap_m = max(16, triton.next_power_of_2(m))
     cap_n = max(16, triton.next_power_of_2(n))
-    kept = [
-        c
-        for c in configs
-        if c.kwargs["BLOCK_M"] <= cap_m
-        and c.kwargs["BLOCK_N"] <= cap_n
-        and k // c.kwargs["SPLIT_K"] >= 256 * (c.kwargs["SPLIT_K"] > 1)
-    ]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    kept = []
+    for c in configs:
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        split = c.kwargs["SPLIT_K"]
+        if bm > cap_m or bn > cap_n:
+            continue
+        if c.kwargs["EPI_SUBTILE"] > 1 and not loads:
+            continue
+        if c.num_stages * (bm + bn) * bk * element > smem:
+            continue
+        if split > 1:
+            tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+            if k // split < 256 or tiles * split > 4 * sms:
+                continue
+        kept.append(c)
+    return kept or [_fixed_triton_config()]
 
 
-_gemm_tuned = triton.autotune(
-    configs=_gemm_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune}
-)(_gemm_kernel)
+def _autotune(configs: list[triton.Config], **extra: Any):
+    options: dict[str, Any] = {}
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        # tuning results on disk next to the compiled kernels: a second process (the next
+        # stage of `wbscale bench gpu`, a resumed run) does not benchmark again
+        options["cache_results"] = os.environ.get("WBSCALE_AUTOTUNE_CACHE", "1") == "1"
+    return triton.autotune(
+        configs=configs,
+        key=_KEY,
+        prune_configs_by={"early_config_prune": _prune},
+        **options,
+        **extra,
+    )(_gemm_kernel)
+
+
+_gemm_tuned = _autotune(_gemm_configs())
 # split-K accumulates with atomics: benchmarking a config must start from a zeroed buffer
-_wgrad_tuned = triton.autotune(
-    configs=_wgrad_configs(),
-    key=_KEY,
-    prune_configs_by={"early_config_prune": _prune},
-    reset_to_zero=["c_ptr"],
-)(_gemm_kernel)
+_wgrad_tuned = _autotune(_wgrad_configs(), reset_to_zero=["c_ptr"])
 
 _forced_config: dict | None = None
 
@@ -347,11 +495,45 @@ _forced_config: dict | None = None
 def force_config(**meta: int) -> Iterator[None]:
     """Run every GEMM with one fixed tile config (tests: exercise tiling, split-K, ragged edges)."""
     global _forced_config
-    previous, _forced_config = _forced_config, {**_INTERPRET_CONFIG, **meta}
+    previous, _forced_config = _forced_config, {**FIXED_CONFIG, **meta}
     try:
         yield
     finally:
         _forced_config = previous
+
+
+def _bucket(n: int) -> int:
+    """The autotune key's token count: ``n`` rounded up to a power of two."""
+    return triton.next_power_of_2(max(1, int(n)))
+
+
+def use_tuned(tokens: int, grad: bool) -> bool:
+    """Whether a block over ``tokens`` rows autotunes (True) or runs FIXED_CONFIG (False)."""
+    return tokens >= (TUNE_MIN_TOKENS if grad else TUNE_MIN_TOKENS_NO_GRAD)
+
+
+def tuned_configs() -> list[dict[str, Any]]:
+    """What the autotuner chose so far in this process: one row per (kernel, key)."""
+    rows = []
+    for kernel, tuner in (("gemm", _gemm_tuned), ("weight_grad", _wgrad_tuned)):
+        for key, config in tuner.cache.items():
+            fields = dict(zip(_KEY, key[: len(_KEY)], strict=False))
+            rows.append(
+                {
+                    "kernel": kernel,
+                    "key": {
+                        k: (v if isinstance(v, (int, float, bool)) else str(v))
+                        for k, v in fields.items()
+                    },
+                    "dtypes": [str(v) for v in key[len(_KEY) :]],
+                    "config": _config_dict(config),
+                }
+            )
+    return rows
+
+
+def _config_dict(config: triton.Config) -> dict[str, Any]:
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
 # --------------------------------------------------------------------------------------
@@ -359,6 +541,22 @@ def force_config(**meta: int) -> Iterator[None]:
 # --------------------------------------------------------------------------------------
 
 Segment = tuple[Tensor, Tensor, float]  # (A: M x K view, B: K x N view, scale)
+
+_trace: list[dict[str, Any]] | None = None
+
+
+@contextlib.contextmanager
+def trace_gemms() -> Iterator[list[dict[str, Any]]]:
+    """Record every GEMM launch (name, segments, epilogue, config) made inside the block.
+
+    ``wbscale bench gpu`` replays them one by one against torch.matmul on the same operands.
+    """
+    global _trace
+    previous, _trace = _trace, []
+    try:
+        yield _trace
+    finally:
+        _trace = previous
 
 
 def _uses_triton(t: Tensor) -> bool:
@@ -384,11 +582,14 @@ def _gemm(
     mask: Tensor | None = None,
     a_mask: Tensor | None = None,
     weight_grad: bool = False,
+    tuned: bool = True,
+    name: str = "gemm",
 ) -> Tensor:
     """C = epilogue(sum_s scale_s A_s B_s); see the module docstring for the epilogue.
 
     ``out`` defaults to a new contiguous (M, N) tensor in A's dtype. With ``weight_grad`` the
     kernel may split K and accumulate with atomics, so ``out`` must be a zeroed fp32 buffer.
+    ``tuned``: autotune (bucketed key) or run FIXED_CONFIG.
     """
     a0, b0, _ = segments[0]
     (M, K), N = a0.shape, b0.shape[1]
@@ -426,6 +627,7 @@ def _gemm(
         gated_t.stride(0), gated_t.stride(1),
         mask_t.stride(0), mask_t.stride(1),
         *scales, float(beta),
+        _bucket(M), _bucket(K),
     )  # fmt: skip
     flags = {
         "NUM_SEG": len(segments),
@@ -437,6 +639,7 @@ def _gemm(
         "UPCAST": _INTERPRET and a0.dtype == torch.bfloat16,
         "RNE_BF16": _INTERPRET and out.dtype == torch.bfloat16,
         "PRECISION": _dot_precision(a0.dtype),
+        "RELAXED": _RELAXED_ATOMICS,
     }
 
     def grid(meta: dict) -> tuple[int, int]:
@@ -444,15 +647,31 @@ def _gemm(
         return (tiles, meta["SPLIT_K"])
 
     with _device_guard(a0):
-        if _forced_config is not None:
-            meta = dict(_forced_config)
+        if _forced_config is not None or not tuned:
+            meta = dict(_forced_config if _forced_config is not None else FIXED_CONFIG)
             if not weight_grad:
                 meta["SPLIT_K"] = 1
-            _gemm_kernel[grid](*args, **flags, **meta)
-        elif weight_grad:
-            _wgrad_tuned[grid](*args, **flags)
+            meta["ATOMIC"] = meta["SPLIT_K"] > 1
+            _gemm_kernel[grid](*args, **flags, **meta, **_FIXED_LAUNCH)
+            config: dict[str, Any] = {**meta, **_FIXED_LAUNCH}
         else:
-            _gemm_tuned[grid](*args, **flags)
+            tuner = _wgrad_tuned if weight_grad else _gemm_tuned
+            tuner[grid](*args, **flags)
+            best = getattr(tuner, "best_config", None)
+            config = _config_dict(best) if best is not None else {}
+    if _trace is not None:
+        _trace.append(
+            {
+                "name": name,
+                "segments": list(segments),
+                "epilogue": {"out": out, "beta": beta, "aux": aux, "gated": gated, "gate": gate,
+                             "relu": relu, "mask": mask, "a_mask": a_mask},
+                "weight_grad": weight_grad,
+                "tuned": tuned,
+                "config": config,
+                "mnk": (M, N, K * len(segments)),
+            }
+        )  # fmt: skip
     return out
 
 
@@ -493,104 +712,299 @@ def _gemm_torch(
 
 def _weight_grad(
     segments: Sequence[Segment],
-    shape: tuple[int, int],
-    dtype: torch.dtype,
+    weight: Tensor,
     *,
     a_mask: Tensor | None = None,
     transposed: bool = False,
+    tuned: bool = True,
 ) -> Tensor:
-    """sum_s scale_s A_s B_s (K = n_seg * T) into a zeroed fp32 buffer, cast to ``dtype``.
+    """sum_s scale_s A_s B_s (K = n_seg * T) into a zeroed fp32 buffer, in ``weight``'s dtype.
 
-    ``transposed``: the segments compute gW^T, stored through a transposed view of gW.
+    An fp32 weight gets the fp32 accumulator itself (no copy, no rounding through the compute
+    dtype). ``transposed``: the segments compute gW^T, stored through a transposed view of gW.
     """
     a0 = segments[0][0]
-    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    buf = torch.zeros(shape, device=a0.device, dtype=acc_dtype)
-    _gemm(segments, out=buf.t() if transposed else buf, a_mask=a_mask, weight_grad=True)
-    return buf.to(dtype)
+    acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    buf = torch.zeros(tuple(weight.shape), device=a0.device, dtype=acc_dtype)
+    _gemm(
+        segments, out=buf.t() if transposed else buf, a_mask=a_mask, weight_grad=True,
+        tuned=tuned, name="gW",
+    )  # fmt: skip
+    return buf.to(weight.dtype)
 
 
 # --------------------------------------------------------------------------------------
-# Autograd Functions
+# The blocks: forward, recompute, backward
 # --------------------------------------------------------------------------------------
 
 
-def _overcomplete_forward(x: Tensor, w: Tensor, eta: float, lam: float) -> tuple[Tensor, ...]:
-    wt = w.t()
-    z1 = _gemm([(x, wt, eta)], beta=-eta * lam, relu=True)
-    u = _gemm([(z1, w, -1.0)], aux=x)
-    z2 = _gemm([(u, wt, eta)], beta=-eta * lam, aux=z1, relu=True)
+def normalize_save(save: bool | str) -> str:
+    """``True`` / ``False`` (the old ``save_activations``) or a mode name -> a mode name."""
+    if save is True:
+        return "all"
+    if save is False:
+        return "x"
+    if save not in SAVE_MODES:
+        raise ValueError(
+            f"ISTA save mode {save!r}: choose one of {', '.join(map(repr, SAVE_MODES))} "
+            "(or true = 'all', false = 'x')"
+        )
+    return save
+
+
+def _z1(x: Tensor, w: Tensor, eta: float, lam: float, tuned: bool) -> Tensor:
+    return _gemm([(x, w.t(), eta)], beta=-eta * lam, relu=True, tuned=tuned, name="z1")
+
+
+def _z2(u: Tensor, z1: Tensor, w: Tensor, eta: float, lam: float, tuned: bool) -> Tensor:
+    return _gemm([(u, w.t(), eta)], beta=-eta * lam, aux=z1, relu=True, tuned=tuned, name="z2")
+
+
+def _overcomplete_forward(
+    x: Tensor, w: Tensor, eta: float, lam: float, tuned: bool = True
+) -> tuple[Tensor, Tensor, Tensor]:
+    z1 = _z1(x, w, eta, lam, tuned)
+    u = _gemm([(z1, w, -1.0)], aux=x, tuned=tuned, name="u")
+    z2 = _z2(u, z1, w, eta, lam, tuned)
     return z1, u, z2
 
 
-class ISTAOvercompleteFunction(torch.autograd.Function):
-    """y = z2 W with two ISTA steps; returns (y, z2). Inputs: x (T, d) contiguous, W (m, d)."""
+def _overcomplete_backward(
+    gy: Tensor | None,
+    gz: Tensor | None,
+    x: Tensor,
+    w: Tensor,
+    z1: Tensor | None,
+    u: Tensor | None,
+    z2: Tensor | None,
+    eta: float,
+    lam: float,
+    save: str,
+    tuned: bool,
+    need_gx: bool,
+    need_gw: bool,
+    weight: Tensor,
+) -> tuple[Tensor | None, Tensor | None]:
+    """(gx, gW) of the overcomplete block; recomputes what ``save`` did not keep.
 
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, eta: float, lam: float, save_activations: bool):
-        z1, u, z2 = _overcomplete_forward(x, weight, eta, lam)
-        y = _gemm([(z2, weight, 1.0)])
-        ctx.eta, ctx.lam, ctx.saved_codes = eta, lam, save_activations
-        ctx.set_materialize_grads(False)
-        if any(ctx.needs_input_grad[:2]):
-            ctx.save_for_backward(x, weight, *((z1, u, z2) if save_activations else ()))
-        return y, z2
-
-    @staticmethod
-    def backward(ctx, gy: Tensor | None, gz: Tensor | None):
-        x, w, *codes = ctx.saved_tensors
-        eta = ctx.eta
-        z1, u, z2 = codes if ctx.saved_codes else _overcomplete_forward(x, w, eta, ctx.lam)
-        wt = w.t()
-        if gy is None:
-            gy = torch.zeros_like(x)
-        gy = gy.contiguous()
-        if gz is not None:
-            gz = gz.contiguous()
-        g2 = _gemm([(gy, wt, 1.0)], aux=gz, mask=z2)
-        gu = _gemm([(g2, w, eta)])
-        g1 = _gemm([(gu, wt, -1.0)], aux=g2, mask=z1)
-        gx = _gemm([(g1, w, eta)], aux=gu) if ctx.needs_input_grad[0] else None
-        gw = None
-        if ctx.needs_input_grad[1]:
-            # equal scales adjacent: the kernel rescales its one accumulator once (see there)
-            segments = [(z2.t(), gy, 1.0), (z1.t(), gu, -1.0), (g2.t(), u, eta), (g1.t(), x, eta)]
-            gw = _weight_grad(segments, tuple(w.shape), w.dtype)
-        return gx, gw, None, None, None
+    ``w`` is the dictionary in the compute dtype, ``weight`` the parameter (gW's dtype).
+    """
+    if save == "x":
+        z1, u, z2 = _overcomplete_forward(x, w, eta, lam, tuned)
+    elif save == "x_u":
+        z1 = _z1(x, w, eta, lam, tuned)
+        z2 = _z2(u, z1, w, eta, lam, tuned)
+    wt = w.t()
+    gy = torch.zeros_like(x) if gy is None else gy.contiguous()
+    if gz is not None:
+        gz = gz.contiguous()
+    g2 = _gemm([(gy, wt, 1.0)], aux=gz, mask=z2, tuned=tuned, name="g2")
+    gu = _gemm([(g2, w, eta)], tuned=tuned, name="gu")
+    g1 = _gemm([(gu, wt, -1.0)], aux=g2, mask=z1, tuned=tuned, name="g1")
+    gx = _gemm([(g1, w, eta)], aux=gu, tuned=tuned, name="gx") if need_gx else None
+    gw = None
+    if need_gw:
+        # equal scales adjacent: the kernel rescales its one accumulator once (see there)
+        segments = [(z2.t(), gy, 1.0), (z1.t(), gu, -1.0), (g2.t(), u, eta), (g1.t(), x, eta)]
+        gw = _weight_grad(segments, weight, tuned=tuned)
+    return gx, gw
 
 
-def _square_forward(x: Tensor, w: Tensor, eta: float, lam: float) -> tuple[Tensor, Tensor]:
-    r = _gemm([(x, w.t(), -1.0)], aux=x)
-    out = _gemm([(r, w, eta)], aux=x, beta=-eta * lam, relu=True)
-    return r, out
+def _square_out(r: Tensor, x: Tensor, w: Tensor, eta: float, lam: float, tuned: bool) -> Tensor:
+    return _gemm([(r, w, eta)], aux=x, beta=-eta * lam, relu=True, tuned=tuned, name="out")
 
 
-class ISTASquareFunction(torch.autograd.Function):
-    """out = relu(x + eta (x - x W^T) W - eta lam). Inputs: x (T, d) contiguous, W (d, d)."""
+def _square_forward(
+    x: Tensor, w: Tensor, eta: float, lam: float, tuned: bool = True
+) -> tuple[Tensor, Tensor]:
+    r = _gemm([(x, w.t(), -1.0)], aux=x, tuned=tuned, name="r")
+    return r, _square_out(r, x, w, eta, lam, tuned)
 
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, eta: float, lam: float, save_activations: bool):
-        r, out = _square_forward(x, weight, eta, lam)
-        ctx.eta, ctx.lam, ctx.saved_codes = eta, lam, save_activations
-        if any(ctx.needs_input_grad[:2]):
-            ctx.save_for_backward(x, weight, *((r, out) if save_activations else ()))
-        return out
 
-    @staticmethod
-    def backward(ctx, gy: Tensor):
-        x, w, *codes = ctx.saved_tensors
-        eta = ctx.eta
-        r, out = codes if ctx.saved_codes else _square_forward(x, w, eta, ctx.lam)
-        gy = gy.contiguous()
-        # g = gy * [out > 0] is never materialised: A prologue here, gated epilogue below
-        dr = _gemm([(gy, w.t(), eta)], a_mask=out)
-        gx = _gemm([(dr, w, -1.0)], aux=dr, gated=gy, gate=out) if ctx.needs_input_grad[0] else None
-        gw = None
-        if ctx.needs_input_grad[1]:
-            # gW = eta r^T g - dr^T x, computed as its transpose so the mask lands on A
-            segments = [(gy.t(), r, eta), (x.t(), dr, -1.0)]
-            gw = _weight_grad(segments, tuple(w.shape), w.dtype, a_mask=out.t(), transposed=True)
-        return gx, gw, None, None, None
+def _square_backward(
+    gy: Tensor,
+    x: Tensor,
+    w: Tensor,
+    r: Tensor | None,
+    out: Tensor | None,
+    eta: float,
+    lam: float,
+    save: str,
+    tuned: bool,
+    need_gx: bool,
+    need_gw: bool,
+    weight: Tensor,
+) -> tuple[Tensor | None, Tensor | None]:
+    if save == "x":
+        r, out = _square_forward(x, w, eta, lam, tuned)
+    elif save == "x_u":
+        out = _square_out(r, x, w, eta, lam, tuned)
+    gy = gy.contiguous()
+    # g = gy * [out > 0] is never materialised: A prologue here, gated epilogue below
+    dr = _gemm([(gy, w.t(), eta)], a_mask=out, tuned=tuned, name="dr")
+    gx = None
+    if need_gx:
+        gx = _gemm([(dr, w, -1.0)], aux=dr, gated=gy, gate=out, tuned=tuned, name="gx")
+    gw = None
+    if need_gw:
+        # gW = eta r^T g - dr^T x, computed as its transpose so the mask lands on A
+        segments = [(gy.t(), r, eta), (x.t(), dr, -1.0)]
+        gw = _weight_grad(segments, weight, a_mask=out.t(), transposed=True, tuned=tuned)
+    return gx, gw
+
+
+# --------------------------------------------------------------------------------------
+# Custom ops: opaque to torch.compile (no graph break), autograd registered
+# --------------------------------------------------------------------------------------
+#
+# The forward op returns what the backward needs next to its outputs (empty tensors for
+# what ``save`` drops); setup_context keeps them, the caller never sees them. The backward
+# is an op of its own so that AOTAutograd can trace the backward graph without looking
+# into the launchers. Under autocast the caller casts x; the op casts the weight itself so
+# that gW comes back in the parameter's dtype from the fp32 accumulator.
+
+
+def _compute_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    return weight.to(dtype).contiguous()
+
+
+def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
+    return like.new_empty(0) if t is None else t
+
+
+def _present(t: Tensor | None) -> Tensor | None:
+    return None if t is None or (t.numel() == 0 and t.dim() == 1) else t
+
+
+@torch.library.custom_op(
+    "wbscale::ista_overcomplete",
+    mutates_args=(),
+    schema="(Tensor x, Tensor weight, float eta, float lam, str save, bool tuned) "
+    "-> (Tensor, Tensor, Tensor, Tensor)",
+)
+def _overcomplete_op(x, weight, eta, lam, save, tuned):
+    """(y, z2, z1 or empty, u or empty) for x (T, d) contiguous in the compute dtype."""
+    w = _compute_weight(weight, x.dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        z1, u, z2 = _overcomplete_forward(x, w, eta, lam, tuned)
+        y = _gemm([(z2, w, 1.0)], tuned=tuned, name="y")
+    return y, z2, (z1 if save == "all" else x.new_empty(0)), (u if save != "x" else x.new_empty(0))
+
+
+@_overcomplete_op.register_fake
+def _(x, weight, eta, lam, save, tuned):
+    t, m = x.shape[0], weight.shape[0]
+    z1 = x.new_empty(t, m) if save == "all" else x.new_empty(0)
+    u = x.new_empty(x.shape) if save != "x" else x.new_empty(0)
+    return x.new_empty(x.shape), x.new_empty(t, m), z1, u
+
+
+@torch.library.custom_op(
+    "wbscale::ista_overcomplete_backward",
+    mutates_args=(),
+    schema="(Tensor? gy, Tensor? gz, Tensor x, Tensor weight, Tensor z1, Tensor u, Tensor z2, "
+    "float eta, float lam, str save, bool tuned, bool need_gx, bool need_gw) -> (Tensor, Tensor)",
+)
+def _overcomplete_backward_op(
+    gy, gz, x, weight, z1, u, z2, eta, lam, save, tuned, need_gx, need_gw
+):
+    w = _compute_weight(weight, x.dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        gx, gw = _overcomplete_backward(
+            gy, gz, x, w, _present(z1), _present(u), _present(z2), eta, lam, save, tuned,
+            need_gx, need_gw, weight,
+        )  # fmt: skip
+    return _or_empty(gx, x), _or_empty(gw, weight)
+
+
+@_overcomplete_backward_op.register_fake
+def _(gy, gz, x, weight, z1, u, z2, eta, lam, save, tuned, need_gx, need_gw):
+    gx = x.new_empty(x.shape) if need_gx else x.new_empty(0)
+    return gx, weight.new_empty(weight.shape) if need_gw else weight.new_empty(0)
+
+
+def _overcomplete_setup_context(ctx, inputs, output):
+    x, weight, eta, lam, save, tuned = inputs
+    _, z2, z1, u = output
+    ctx.eta, ctx.lam, ctx.save, ctx.tuned = eta, lam, save, tuned
+    # a loss that reads only y (or only the code) leaves the other gradient undefined: keep
+    # it None instead of a T x m tensor of zeros
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(z1, u)
+    ctx.save_for_backward(x, weight, z1, u, z2 if save == "all" else x.new_empty(0))
+
+
+def _overcomplete_autograd(ctx, gy, gz, _gz1, _gu):
+    x, weight, z1, u, z2 = ctx.saved_tensors
+    need_gx, need_gw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    gx, gw = torch.ops.wbscale.ista_overcomplete_backward(
+        gy, gz, x, weight, z1, u, z2, ctx.eta, ctx.lam, ctx.save, ctx.tuned, need_gx, need_gw
+    )
+    return (gx if need_gx else None), (gw if need_gw else None), None, None, None, None
+
+
+_overcomplete_op.register_autograd(
+    _overcomplete_autograd, setup_context=_overcomplete_setup_context
+)
+
+
+@torch.library.custom_op(
+    "wbscale::ista_square",
+    mutates_args=(),
+    schema="(Tensor x, Tensor weight, float eta, float lam, str save, bool tuned) -> (Tensor, Tensor)",
+)
+def _square_op(x, weight, eta, lam, save, tuned):
+    """(out, r or empty) for x (T, d) contiguous in the compute dtype."""
+    w = _compute_weight(weight, x.dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        r, out = _square_forward(x, w, eta, lam, tuned)
+    return out, (r if save != "x" else x.new_empty(0))
+
+
+@_square_op.register_fake
+def _(x, weight, eta, lam, save, tuned):
+    return x.new_empty(x.shape), (x.new_empty(x.shape) if save != "x" else x.new_empty(0))
+
+
+@torch.library.custom_op(
+    "wbscale::ista_square_backward",
+    mutates_args=(),
+    schema="(Tensor gy, Tensor x, Tensor weight, Tensor r, Tensor out, float eta, float lam, "
+    "str save, bool tuned, bool need_gx, bool need_gw) -> (Tensor, Tensor)",
+)
+def _square_backward_op(gy, x, weight, r, out, eta, lam, save, tuned, need_gx, need_gw):
+    w = _compute_weight(weight, x.dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        gx, gw = _square_backward(
+            gy, x, w, _present(r), _present(out), eta, lam, save, tuned, need_gx, need_gw, weight
+        )
+    return _or_empty(gx, x), _or_empty(gw, weight)
+
+
+@_square_backward_op.register_fake
+def _(gy, x, weight, r, out, eta, lam, save, tuned, need_gx, need_gw):
+    gx = x.new_empty(x.shape) if need_gx else x.new_empty(0)
+    return gx, weight.new_empty(weight.shape) if need_gw else weight.new_empty(0)
+
+
+def _square_setup_context(ctx, inputs, output):
+    x, weight, eta, lam, save, tuned = inputs
+    out, r = output
+    ctx.eta, ctx.lam, ctx.save, ctx.tuned = eta, lam, save, tuned
+    ctx.mark_non_differentiable(r)
+    ctx.save_for_backward(x, weight, r, out if save == "all" else x.new_empty(0))
+
+
+def _square_autograd(ctx, gy, _gr):
+    x, weight, r, out = ctx.saved_tensors
+    need_gx, need_gw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    gx, gw = torch.ops.wbscale.ista_square_backward(
+        gy, x, weight, r, out, ctx.eta, ctx.lam, ctx.save, ctx.tuned, need_gx, need_gw
+    )
+    return (gx if need_gx else None), (gw if need_gw else None), None, None, None, None
+
+
+_square_op.register_autograd(_square_autograd, setup_context=_square_setup_context)
 
 
 # --------------------------------------------------------------------------------------
@@ -644,14 +1058,13 @@ def forward_codes(
     """
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     w = weight.contiguous()
+    tuned = use_tuned(x2.shape[0], grad=True)  # the tiles a training step would use
     if variant == "overcomplete":
-        z1, _, z2 = _overcomplete_forward(x2, w, eta, lam)
+        z1, _, z2 = _overcomplete_forward(x2, w, eta, lam, tuned)
         return z1, z2
-    return (_square_forward(x2, w, eta, lam)[1],)
+    return (_square_forward(x2, w, eta, lam, tuned)[1],)
 
 
-# Dynamo would trace into the launcher's Python; a compiled model graph-breaks here instead.
-@torch.compiler.disable
 def ista_triton(
     x: Tensor,
     weight: Tensor,
@@ -660,16 +1073,18 @@ def ista_triton(
     eta: float,
     lam: float,
     return_code: bool = False,
-    save_activations: bool = True,
+    save_activations: bool | str = True,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Fused ISTA block on x (..., d); with ``return_code`` also the sparse code z.
 
     overcomplete: weight (m, d), returns y (..., d) [and z2 (..., m)];
     square: weight (d, d), returns out (..., d) [and out again: it is its own code].
-    ``save_activations=False`` keeps only x for backward and recomputes the codes there.
+    ``save_activations``: what backward keeps, ``"all"`` (True), ``"x_u"`` or ``"x"``
+    (False); see the module docstring.
     """
     if variant not in ("overcomplete", "square"):
         raise ValueError(f"unknown ISTA variant {variant!r}; choose overcomplete or square")
+    save = normalize_save(save_activations)
     _check(x, weight, variant)
     d, m = x.shape[-1], weight.shape[0]
     reference = ista_overcomplete_reference if variant == "overcomplete" else ista_square_reference
@@ -687,14 +1102,15 @@ def ista_triton(
     lead = x.shape[:-1]
     # one copy at most: the weight-gradient GEMM reads x with the same strides as gy
     x2 = x.to(dtype).reshape(-1, d).contiguous()
-    w = weight.to(dtype).contiguous()
-    with torch.autocast(x.device.type, enabled=False):
-        if variant == "overcomplete":
-            y, z = ISTAOvercompleteFunction.apply(x2, w, float(eta), float(lam), save_activations)
-            y, z = y.reshape(*lead, d), z.reshape(*lead, m)
-        else:
-            y = ISTASquareFunction.apply(x2, w, float(eta), float(lam), save_activations).reshape(
-                *lead, d
-            )
-            z = y
+    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    tuned = use_tuned(x2.shape[0], grad)
+    if variant == "overcomplete":
+        y, z, _, _ = torch.ops.wbscale.ista_overcomplete(
+            x2, weight, float(eta), float(lam), save, tuned
+        )
+        y, z = y.reshape(*lead, d), z.reshape(*lead, m)
+    else:
+        y, _ = torch.ops.wbscale.ista_square(x2, weight, float(eta), float(lam), save, tuned)
+        y = y.reshape(*lead, d)
+        z = y
     return (y, z) if return_code else y

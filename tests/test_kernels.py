@@ -344,23 +344,11 @@ def test_bench_without_gpu_runs_a_correctness_sweep_and_writes_no_timings(tmp_pa
     out = capsys.readouterr().out
     assert "No GPU present" in out and " ms" not in out
 
-    assert (
-        bench.main(
-            [
-                "--variant",
-                "square",
-                "--dtype",
-                "fp32",
-                "--tokens",
-                "17",
-                "--d",
-                "16",
-                "--out",
-                str(tmp_path),
-            ]
-        )
-        == 0
-    )
+    from wbscale.cli import main as cli_main
+
+    assert cli_main(
+        ["bench", "kernels", "--variant", "square", "--dtype", "fp32", "--tokens", "17", "--d", "16", "--out", str(tmp_path)]
+    ) == 0
     square = json.loads((tmp_path / "kernels-square-fp32-correctness-cpu.json").read_text())
     assert square["correctness"][0]["ok"]
 

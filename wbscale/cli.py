@@ -1,5 +1,11 @@
 """The ``wbscale`` command: parses arguments and calls the library. No logic here.
 
+One grammar: every verb that runs a recipe (``fit``, ``data prepare``, ``recipes show|check``,
+``bench train|data``, ``slurm submit``, ``bimt toy``, ``sweep run``) takes ``RECIPE`` (a name
+under recipes/ or a YAML path; ``--config PATH`` / ``--recipe NAME`` are older spellings) and
+``--set KEY=VALUE`` from one parent parser; ``--device`` defaults to ``auto`` everywhere.
+``wbscale sweep RECIPE …`` is short for ``wbscale sweep run RECIPE …``.
+
 User errors (:class:`wbscale.errors.UserError`) print one line and exit with status 2.
 """
 
@@ -49,12 +55,9 @@ def _recipe(args: argparse.Namespace):
 
 
 def _device(name: str) -> str:
-    """``--device``: ``auto`` is ``cuda`` when CUDA is available, else ``cpu``; anything else as given."""
-    if name != "auto":
-        return name
-    import torch
+    from wbscale.hardware import resolve_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return resolve_device(name)
 
 
 def _int_list(text: str) -> list[int]:
@@ -68,7 +71,8 @@ def _int_list(text: str) -> list[int]:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from wbscale.train.fit import fit, recipe_for_resume, say
+    from wbscale.ranks import say
+    from wbscale.train.fit import fit, recipe_for_resume
 
     if _recipe_source(args):
         recipe = _recipe(args)
@@ -92,8 +96,9 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from wbscale.ckpt.load import load_for_inference
     from wbscale.data.loader import val_batches
-    from wbscale.train.inference import evaluate, load_for_inference
+    from wbscale.inference import evaluate
 
     model, recipe, _ = load_for_inference(args.ckpt, device=_device(args.device))
     data_dir = Path(args.data or recipe.data.out_dir)
@@ -104,7 +109,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from wbscale.train.inference import generate_text, load_for_inference
+    from wbscale.ckpt.load import load_for_inference
+    from wbscale.inference import generate_text
 
     model, _, tokenizer = load_for_inference(args.ckpt, tokenizer=args.tokenizer, device=_device(args.device))
     if tokenizer is None:
@@ -131,7 +137,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 
 
 def cmd_ckpt_import(args: argparse.Namespace) -> int:
-    from wbscale.train.inference import import_checkpoint
+    from wbscale.ckpt.load import import_checkpoint
 
     out = import_checkpoint(args.format, Path(args.file), Path(args.out), tokenizer=args.tokenizer)
     print(out)
@@ -139,14 +145,14 @@ def cmd_ckpt_import(args: argparse.Namespace) -> int:
 
 
 def cmd_ckpt_inspect(args: argparse.Namespace) -> int:
-    from wbscale.train.checkpoint import inspect_checkpoint
+    from wbscale.ckpt.format import inspect_checkpoint
 
     print(json.dumps(inspect_checkpoint(Path(args.path)), indent=2))
     return 0
 
 
 def cmd_ckpt_consolidate(args: argparse.Namespace) -> int:
-    from wbscale.train.consolidate import consolidate
+    from wbscale.ckpt.consolidate import consolidate
 
     print(consolidate(Path(args.path), Path(args.out), dtype=args.dtype))
     return 0

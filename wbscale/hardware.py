@@ -55,3 +55,10 @@ def device_peak_flops(device: torch.device) -> float | None:
         return None
     gpu = gpu_for_name(torch.cuda.get_device_name(device))
     return gpu.peak_bf16 if gpu is not None else None
+
+
+def resolve_device(name: str) -> str:
+    """A ``--device`` value: ``auto`` is ``cuda`` when CUDA is available, else ``cpu``."""
+    if name != "auto":
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -45,22 +45,10 @@ import torch
 
 from wbscale.config import Recipe
 from wbscale.errors import UserError, did_you_mean
+from wbscale.hardware import GB, GPUS
+from wbscale.sizing import padded_vocab
+from wbscale.sizing import tokens_per_step as tokens_per_step_of
 
-GB = 1e9
-# name -> (memory in bytes, dense bf16 peak FLOP/s). Memory as sold (GB = 1e9 bytes).
-GPUS: dict[str, tuple[float, float]] = {
-    "h200-141gb": (141 * GB, 989e12),
-    "h100-80gb": (80 * GB, 989e12),
-    "h100-94gb": (94 * GB, 989e12),
-    "a100-80gb": (80 * GB, 312e12),
-    "a100-40gb": (40 * GB, 312e12),
-    "l40s-48gb": (48 * GB, 362e12),
-    "a10g-24gb": (24 * GB, 70e12),
-    "l4-24gb": (24 * GB, 121e12),
-    "rtx4090-24gb": (24 * GB, 165e12),
-    "v100-32gb": (32 * GB, 125e12),
-    "v100-16gb": (16 * GB, 125e12),
-}
 RESERVE_FRACTION = 0.10
 RESERVE_BYTES = 1.5 * GB
 
@@ -99,14 +87,14 @@ def _resolved_vocab(recipe: Recipe) -> tuple[int, str | None]:
     if m.vocab_size:
         return m.vocab_size, None
     if d.tokenizer == "bpe":
-        return (d.vocab_size + 63) // 64 * 64, None
+        return padded_vocab(d.vocab_size), None
     try:
         from tokenizers import Tokenizer
 
         n = Tokenizer.from_file(d.tokenizer).get_vocab_size()
-        return (n + 63) // 64 * 64, None
+        return padded_vocab(n), None
     except Exception:
-        return 50304, f"vocabulary taken as 50304 (GPT-2's, padded): {d.tokenizer} not readable here"
+        return padded_vocab(50257), f"vocabulary taken as 50304 (GPT-2's, padded): {d.tokenizer} not readable here"
 
 
 class _FlashSDPA(torch.autograd.Function):
@@ -232,7 +220,7 @@ def check_recipe(recipe: Recipe, nodes: int | None = None, devices: int | None =
     nodes = nodes or recipe.distributed.nodes
     devices = devices or recipe.distributed.devices
     world = nodes * devices
-    capacity, peak = GPUS[gpu]
+    capacity, peak = GPUS[gpu].memory, GPUS[gpu].peak_bf16
     usable = capacity * (1 - RESERVE_FRACTION) - RESERVE_BYTES
     mixed = recipe.train.precision in ("auto", "bf16-mixed", "16-mixed", "bf16-true")
     facts, notes = model_facts(recipe, torch.bfloat16 if mixed else torch.float32)
@@ -251,7 +239,7 @@ def check_recipe(recipe: Recipe, nodes: int | None = None, devices: int | None =
             "fits": e.total <= usable,
             "configured": (strategy, offload) == (configured, configured_offload),
         })
-    tokens_per_step = t.micro_batch_size * t.grad_accum * recipe.model.block_size * world
+    tokens_per_step = tokens_per_step_of(recipe, world)
     return {
         "recipe": recipe.train.run_name,
         "model": f"{recipe.model.arch} {recipe.model.n_layer}L-{recipe.model.n_embd}d-{recipe.model.n_head}h",
