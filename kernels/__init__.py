@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from torch import Tensor
 
+from .modes import SAVE_MODES, normalize_save
 from .reference import (
     ista_overcomplete_published,
     ista_overcomplete_reference,
@@ -26,12 +27,14 @@ from .reference import (
 
 __all__ = [
     "KERNELS",
+    "SAVE_MODES",
     "VARIANTS",
     "ista",
     "ista_overcomplete_published",
     "ista_overcomplete_reference",
     "ista_square_published",
     "ista_square_reference",
+    "normalize_save",
     "resolve_kernel",
 ]
 
@@ -73,22 +76,25 @@ def ista(
     lam: float = 0.1,
     kernel: str = "auto",
     return_code: bool = False,
-    save_activations: bool = True,
+    save_activations: bool | str = True,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Run one ISTA block; with ``return_code`` also return the sparse code z.
 
-    ``save_activations`` (Triton only): keep the intermediate codes for backward, or
-    recompute them from x (eager autograd always keeps what it needs).
+    ``save_activations`` (Triton only): what the forward keeps for backward, ``"all"``
+    (or True), ``"x_u"`` or ``"x"`` (or False); see :mod:`.modes`. Eager autograd always
+    keeps what it needs. The Triton path is a torch custom op: ``torch.compile`` of a model
+    that calls this traces through it without a graph break.
     """
     if variant not in _REFERENCES:
         raise ValueError(f"unknown ISTA variant {variant!r}; choose one of {VARIANTS}")
+    save = normalize_save(save_activations)
     impl = resolve_kernel(kernel, x.device.type)
     if impl == "triton":
         from . import ista_triton
 
         return ista_triton.ista_triton(
             x, weight, variant=variant, eta=eta, lam=lam, return_code=return_code,
-            save_activations=save_activations,
+            save_activations=save,
         )
     fn = _compiled(variant) if impl == "compile" else _REFERENCES[variant]
     return fn(x, weight, eta, lam, return_code)

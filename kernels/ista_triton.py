@@ -1,4 +1,4 @@
-"""Fused Triton forward/backward of the two CRATE ISTA blocks (DESIGN.md, Kernels).
+"""Fused Triton forward/backward of the two CRATE ISTA blocks (docs/architecture.md, Kernels).
 
 Everything is built from ONE tiled GEMM kernel, ``_gemm_kernel``, whose prologue and
 epilogue are chosen by constexpr flags, so each ISTA step is one GEMM launch and no
@@ -78,6 +78,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .modes import SAVE_MODES, normalize_save
 from .reference import ista_overcomplete_reference, ista_square_reference
 
 __all__ = [
@@ -98,7 +99,6 @@ __all__ = [
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _ALIGN = 16  # tl.dot tiles are >= 16 wide; d, m multiples of 16 keep every row 32-byte aligned
-SAVE_MODES = ("all", "x_u", "x")
 
 
 def _atomic_sem_supported() -> bool:
@@ -736,20 +736,6 @@ def _weight_grad(
 # --------------------------------------------------------------------------------------
 # The blocks: forward, recompute, backward
 # --------------------------------------------------------------------------------------
-
-
-def normalize_save(save: bool | str) -> str:
-    """``True`` / ``False`` (the old ``save_activations``) or a mode name -> a mode name."""
-    if save is True:
-        return "all"
-    if save is False:
-        return "x"
-    if save not in SAVE_MODES:
-        raise ValueError(
-            f"ISTA save mode {save!r}: choose one of {', '.join(map(repr, SAVE_MODES))} "
-            "(or true = 'all', false = 'x')"
-        )
-    return save
 
 
 def _z1(x: Tensor, w: Tensor, eta: float, lam: float, tuned: bool) -> Tensor:

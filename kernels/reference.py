@@ -1,4 +1,4 @@
-"""Eager PyTorch references for the ISTA blocks (DESIGN.md, Kernels).
+"""Eager PyTorch references for the ISTA blocks (docs/architecture.md, Kernels).
 
 Row form: x is (..., d), the dictionary weight W is (m, d) for ``overcomplete`` and
 (d, d) for ``square``. Two spellings of each block live here:

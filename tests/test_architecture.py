@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS: list[set[str]] = [
     {"wbscale", "errors", "io"},  # "wbscale": the package itself (its __version__)
     {"config"},
-    {"ranks", "provenance", "hardware", "sizing", "dist"},
+    {"ranks", "provenance", "hardware", "sizing", "dist", "locks"},
     {"kernels"},
     {"models"},
     {"inference", "data"},

@@ -1,4 +1,4 @@
-"""Fused Triton ISTA kernels against the eager references (DESIGN.md, Kernels).
+"""Fused Triton ISTA kernels against the eager references (docs/architecture.md, Kernels).
 
 Without a GPU the kernels run under the Triton interpreter on CPU tensors (slow, exact), so
 every shape here is small. On a machine with CUDA (and TRITON_INTERPRET unset) the same
@@ -206,18 +206,75 @@ def test_batched_and_non_contiguous_inputs(variant):
     )
 
 
+@pytest.mark.parametrize("save", ["x_u", "x", False])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_recomputing_backward_gives_identical_grads(variant):
-    x, w, gy, _ = make_inputs(variant, 33, 32, seed=2)
-    saved = run(
-        kernel_fn(variant, save_activations=True), x, w, gy, dtype=torch.float32, device=DEVICE
-    )
-    recomputed = run(
-        kernel_fn(variant, save_activations=False), x, w, gy, dtype=torch.float32, device=DEVICE
-    )
+def test_recomputing_backward_gives_identical_grads(variant, save):
+    """Every save mode recomputes exactly what "all" kept: bit-identical outputs and grads."""
+    x, w, gy, gz = make_inputs(variant, 33, 32, seed=2)
+    saved = run(kernel_fn(variant, save_activations="all"), x, w, gy, gz, torch.float32, DEVICE)
+    recomputed = run(kernel_fn(variant, save_activations=save), x, w, gy, gz, torch.float32, DEVICE)
     for name, a, b in zip(("y", "code", "grad_x", "grad_w"), saved, recomputed, strict=True):
         assert torch.equal(a, b), f"{name} differs: max {(a - b).abs().max().item():.3e}"
 
+
+@pytest.mark.parametrize("save", it.SAVE_MODES)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_save_mode_matches_reference_with_split_epilogue_and_split_k(variant, save):
+    """fp32, tight: several tiles, ragged edges, the two-half epilogue, split-K atomics."""
+    x, w, gy, gz = make_inputs(variant, 40, 32, seed=12)
+    want = [r.float().double() for r in run(reference_fn(variant), x, w, gy, gz)]
+    with it.force_config(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, EPI_SUBTILE=2, SPLIT_K=2):
+        got = run(kernel_fn(variant, save_activations=save), x, w, gy, gz, torch.float32, DEVICE)
+    assert_all_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("save", ["x_u", "x"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_bf16_save_modes_match_float64_on_the_active_set(variant, save):
+    x, w, gy, _ = make_inputs(variant, 17, 32, seed=8)
+    x, w = x.bfloat16().double(), w.bfloat16().double()
+    got = run(kernel_fn(variant, save_activations=save), x, w, gy, None, torch.bfloat16, DEVICE)
+    want = run(reference_fn(variant), x, w, gy)
+    codes = it.forward_codes(
+        x.to(DEVICE, torch.bfloat16), w.to(DEVICE, torch.bfloat16), variant=variant, eta=ETA, lam=LAM
+    )
+    masks = [(c.cpu() > 0).double() for c in codes]
+    on_set = run(lambda a, b: bench.ista_on_active_set(a, b, variant, ETA, LAM, masks), x, w, gy)
+    assert_close_relative_to_max(got[:2], want[:2], rel=2e-2)
+    assert_close_relative_to_max(got[2:], on_set[2:], rel=2e-2, names=("grad_x", "grad_w"))
+
+
+def test_save_modes_and_their_boolean_spellings():
+    assert [it.normalize_save(v) for v in (True, False, "all", "x_u", "x")] == [
+        "all", "x", "all", "x_u", "x",
+    ]  # fmt: skip
+    x, w, _, _ = make_inputs("overcomplete", 4, 16)
+    with pytest.raises(ValueError, match="x_u"):
+        ista(x.float(), w.float(), kernel="eager", save_activations="codes")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_saved_tensors_per_mode(variant):
+    """What each mode keeps alive for backward (the activation memory it promises)."""
+    x, w, _, _ = make_inputs(variant, 24, 16, seed=6)
+    t, d, m = 24, 16, w.shape[0]
+    expected = {  # elements kept besides the weight
+        "overcomplete": {"all": t * d + t * m + t * d + t * m, "x_u": 2 * t * d, "x": t * d},
+        "square": {"all": 3 * t * d, "x_u": 2 * t * d, "x": t * d},
+    }[variant]
+    for save, numel in expected.items():
+        kept = []
+
+        def pack(tensor, kept=kept):
+            kept.append(tensor)
+            return tensor
+
+        xr = x.float().to(DEVICE).requires_grad_()
+        wr = w.float().to(DEVICE).requires_grad_()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            it.ista_triton(xr, wr, variant=variant, eta=ETA, lam=LAM, save_activations=save)
+        activations = sum(k.numel() for k in kept if k.data_ptr() != wr.data_ptr())
+        assert activations == numel, f"{save}: keeps {activations} elements, want {numel}"
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_small_tiles_and_split_k_weight_gradient(variant):
@@ -236,18 +293,145 @@ def test_empty_token_batch():
     assert torch.equal(gw, torch.zeros(64, 16, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("save_activations", [True, False])
+@pytest.mark.parametrize("save", it.SAVE_MODES)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_gradcheck_float64_autograd_functions(variant, save_activations):
-    """The hand-derived backward of both Functions, through the float64 (PyTorch GEMM) path."""
+def test_gradcheck_float64_custom_ops(variant, save):
+    """The hand-derived backward of both ops, through the float64 (PyTorch GEMM) path."""
     gen = torch.Generator().manual_seed(0)
     m = 32 if variant == "overcomplete" else 16
     x = torch.randn(5, 16, generator=gen, dtype=torch.float64, requires_grad=True)
     w = (torch.randn(m, 16, generator=gen, dtype=torch.float64) / 4).requires_grad_()
-    function = it.ISTAOvercompleteFunction if variant == "overcomplete" else it.ISTASquareFunction
     assert torch.autograd.gradcheck(
-        lambda a, b: function.apply(a, b, ETA, LAM, save_activations), (x, w)
+        lambda a, b: it.ista_triton(
+            a, b, variant=variant, eta=ETA, lam=LAM, return_code=True, save_activations=save
+        ),
+        (x, w),
     )
+
+
+# --------------------------------------------------------------------------------------
+# Custom ops and torch.compile
+# --------------------------------------------------------------------------------------
+
+
+class _TinyCrate(torch.nn.Module):
+    """Layers that call the dispatch exactly as wbscale/models/crate.py's ISTA module does."""
+
+    def __init__(self, variant: str, d: int = 16, layers: int = 2, save: bool | str = True):
+        super().__init__()
+        m = 4 * d if variant == "overcomplete" else d
+        self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(d) for _ in range(layers))
+        self.weights = torch.nn.ParameterList(
+            torch.nn.Parameter(torch.randn(m, d) / d**0.5) for _ in range(layers)
+        )
+        self.variant, self.save = variant, save
+
+    def forward(self, x):
+        for norm, weight in zip(self.norms, self.weights, strict=True):
+            x = x + ista(
+                norm(x), weight, variant=self.variant, eta=ETA, lam=LAM, kernel="triton",
+                return_code=False, save_activations=self.save,
+            )  # fmt: skip
+        return x
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_compiled_model_has_no_graph_break_and_matches_eager(variant):
+    torch.manual_seed(0)
+    model = _TinyCrate(variant).to(DEVICE)
+    x = torch.randn(2, 8, 16, device=DEVICE)
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+    torch._dynamo.reset()
+    compiled = torch.compile(model)
+    out = compiled(x)
+    out.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    want = model(x)
+    want.sum().backward()
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    for g, p in zip(grads, model.parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_model_under_autocast_has_no_graph_break():
+    torch.manual_seed(0)
+    model = _TinyCrate("overcomplete", save="x_u").to(DEVICE)
+    x = torch.randn(2, 8, 16, device=DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        explained = torch._dynamo.explain(model)(x)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        torch._dynamo.reset()
+        out = torch.compile(model)(x)
+    out.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_custom_op_registrations_pass_opcheck(variant):
+    """Schema, fake (meta) kernel and autograd registration agree with the real kernel."""
+    x, w, _, _ = make_inputs(variant, 8, 16, seed=13)
+    x = x.float().to(DEVICE).requires_grad_()
+    w = w.float().to(DEVICE).requires_grad_()
+    op = torch.ops.wbscale.ista_overcomplete if variant == "overcomplete" else torch.ops.wbscale.ista_square
+    for save in it.SAVE_MODES:
+        torch.library.opcheck(
+            op, (x, w, ETA, LAM, save, False),
+            test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+        )  # fmt: skip
+
+
+def test_autotune_policy_buckets_tokens_and_keeps_small_and_no_grad_calls_fixed():
+    assert [it._bucket(n) for n in (1, 17, 1024, 1025, 16384)] == [1, 32, 1024, 2048, 16384]
+    assert "M_BUCKET" in it._KEY and "K_BUCKET" in it._KEY and "M" not in it._KEY
+    assert not it.use_tuned(it.TUNE_MIN_TOKENS - 1, grad=True)
+    assert it.use_tuned(it.TUNE_MIN_TOKENS, grad=True)
+    # generate(): a batch of 16 sequences of 1024 tokens without grad never tunes
+    assert not it.use_tuned(16 * 1024, grad=False)
+    assert it.use_tuned(it.TUNE_MIN_TOKENS_NO_GRAD, grad=False)
+    assert isinstance(it.tuned_configs(), list)
+
+
+def test_hopper_configs_and_pruning():
+    tiles = {(c[0], c[1], c[2], c[3], c[4]) for c in it._GPU_TILES}
+    assert {(128, 256, 64, 4, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 3, 4)} <= tiles
+    configs = [it._config(*t) for t in it._GPU_TILES]
+    a = torch.empty(16384, 768, dtype=torch.bfloat16)
+    named = {"M": 16384, "N": 3072, "K": 768, "a0_ptr": a}
+    plain = it._prune(configs, named, HAS_AUX=False, HAS_MASK=False, HAS_GATED=False)
+    loads = it._prune(configs, named, HAS_AUX=True, HAS_MASK=True, HAS_GATED=False)
+    assert len(plain) == 4 and len(loads) == 5  # the split epilogue only where it loads
+    # fp32 operands: the 4-stage and 256-wide pipelines do not fit in 227 KiB
+    fp32 = it._prune(configs, {**named, "a0_ptr": a.float()}, HAS_AUX=False)
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages) for c in fp32] == [(128, 128, 3)]
+    wgrad = [it._config(*t, split_k=s) for t in it._GPU_WGRAD_TILES for s in it._SPLITS]
+    kept = it._prune(wgrad, {"M": 768, "N": 768, "K": 2 * 16384, "a0_ptr": a})
+    assert {c.kwargs["SPLIT_K"] for c in kept} == {1, 2, 4, 8}
+    assert all(c.kwargs["ATOMIC"] == (c.kwargs["SPLIT_K"] > 1) for c in kept)
+    # a tiny problem never gets a Hopper tile it cannot fill
+    tiny = it._prune(configs, {"M": 64, "N": 64, "K": 64, "a0_ptr": a})
+    assert [c.kwargs["BLOCK_M"] for c in tiny] == [it.FIXED_CONFIG["BLOCK_M"]]
+
+
+def test_relaxed_atomics_are_used_where_triton_supports_them():
+    import inspect
+
+    import triton.language as tl
+
+    assert it._RELAXED_ATOMICS == ("sem" in inspect.signature(tl.atomic_add).parameters)
+
+
+def test_trace_records_every_launch_of_the_block():
+    x, w, gy, _ = make_inputs("overcomplete", 8, 16, seed=3)
+    xr, wr = x.float().to(DEVICE).requires_grad_(), w.float().to(DEVICE).requires_grad_()
+    with it.trace_gemms() as launches:
+        it.ista_triton(xr, wr, variant="overcomplete", eta=ETA, lam=LAM).backward(gy.float())
+    assert [launch["name"] for launch in launches] == ["z1", "u", "z2", "y", "g2", "gu", "g1", "gx", "gW"]
+    assert launches[-1]["weight_grad"] and launches[-1]["mnk"] == (64, 16, 4 * 8)
+    assert all(not launch["tuned"] for launch in launches)  # 8 tokens: the fixed config
 
 
 # --------------------------------------------------------------------------------------
@@ -282,15 +466,18 @@ def test_unaligned_width_falls_back_to_eager_with_one_warning(monkeypatch):
     torch.testing.assert_close(y, reference.ista_overcomplete_reference(x, w, ETA, LAM))
 
 
-def test_autocast_runs_the_kernel_in_the_autocast_dtype():
-    x, w, gy, _ = make_inputs("overcomplete", 17, 32, seed=1)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_autocast_runs_the_kernel_in_the_autocast_dtype(variant):
+    x, w, gy, _ = make_inputs(variant, 17, 32, seed=1)
     x, w = x.float().to(DEVICE).requires_grad_(), w.float().to(DEVICE).requires_grad_()
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
-        y = it.ista_triton(x, w, variant="overcomplete", eta=ETA, lam=LAM)
-        y_ref = reference.ista_overcomplete_reference(x.detach(), w.detach(), ETA, LAM)
+        y = it.ista_triton(x, w, variant=variant, eta=ETA, lam=LAM)
+        y_ref = REFERENCES[variant](x.detach(), w.detach(), ETA, LAM)
     assert y.dtype == torch.bfloat16
     y.float().backward(gy.float().to(DEVICE))
     assert w.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    # the fp32 weight's gradient is the fp32 accumulator itself, never rounded through bf16
+    assert not torch.equal(w.grad, w.grad.bfloat16().float())
     scale = y_ref.float().abs().max()
     assert (y.float() - y_ref.float()).abs().max() <= 2e-2 * scale
 

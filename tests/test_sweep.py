@@ -13,9 +13,9 @@ from helpers import tiny_overrides
 from wbscale.cli import main
 from wbscale.config import load_recipe
 from wbscale.errors import UserError
+from wbscale.slurm.site import JobOptions
 from wbscale.sweep.grid import (
     SWEEP_FILE,
-    SlurmOptions,
     SweepSpec,
     parse_grid,
     run_sweep,
@@ -150,7 +150,7 @@ def test_rerunning_keeps_the_record_and_another_grid_needs_another_folder(tmp_pa
 def test_slurm_dry_run_renders_one_job_per_point(tmp_path):
     fixed, axes = parse_grid(["model.n_layer=1,2"], arch="crate,gpt2")
     spec = SweepSpec("demo", fixed, axes, out=str(tmp_path / "sw"))
-    result = run_sweep(spec, slurm=SlurmOptions(time="01:00:00"), dry_run=True)
+    result = run_sweep(spec, slurm=JobOptions(time="01:00:00"), dry_run=True)
     assert len(result.scripts) == 4
     for point, script in zip(spec.points(), result.scripts, strict=True):
         assert f"#SBATCH --job-name=wbscale-{point.name}" in script

@@ -44,7 +44,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 class TinyCRATE(nn.Module):
-    """The CRATE LM layer (DESIGN.md) at toy size, with the white_box_forward contract."""
+    """The CRATE LM layer (docs/architecture.md) at toy size, with the white_box_forward contract."""
 
     def __init__(self, vocab: int = 48, d: int = 16, n_head: int = 2, n_layer: int = 2, block: int = 32):
         super().__init__()

@@ -263,11 +263,7 @@ def cmd_recipes_show(args: argparse.Namespace) -> int:
 def cmd_slurm_submit(args: argparse.Namespace) -> int:
     from wbscale.slurm.submit import submit
 
-    result = submit(
-        _recipe_source(args), args.overrides, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-        partition=args.partition, account=args.account, time=args.time, qos=args.qos,
-        constraint=args.constraint, array=args.array, site_path=args.site, dry_run=args.dry_run,
-    )
+    result = submit(_recipe_source(args), args.overrides, _job_options(args), dry_run=args.dry_run)
     if args.dry_run:
         print(result.script, end="")
         return 0
@@ -340,16 +336,11 @@ def cmd_interpret_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep_run(args: argparse.Namespace) -> int:
-    from wbscale.sweep.grid import SlurmOptions, SweepSpec, parse_grid, run_sweep
+    from wbscale.sweep.grid import SweepSpec, parse_grid, run_sweep
 
     fixed, axes = parse_grid(args.overrides, args.arch)
     spec = SweepSpec(_recipe_source(args), fixed, axes, name=args.name, out=args.out)
-    slurm = None
-    if args.slurm:
-        slurm = SlurmOptions(
-            nodes=args.nodes, gpus_per_node=args.gpus_per_node, partition=args.partition, account=args.account,
-            time=args.time, qos=args.qos, constraint=args.constraint, site_path=args.site,
-        )
+    slurm = _job_options(args) if args.slurm else None
     result = run_sweep(spec, slurm=slurm, dry_run=args.dry_run, progress=False if args.no_progress else None)
     if args.dry_run:
         if result.scripts:
@@ -389,14 +380,41 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- parser
 
 
+def _job_parent(array: bool) -> argparse.ArgumentParser:
+    """SLURM job options shared by ``slurm submit`` and ``sweep run --slurm``."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("SLURM job options")
+    g.add_argument("--nodes", type=int, help="nodes (default: the recipe's distributed.nodes)")
+    g.add_argument("--gpus-per-node", type=int, help="GPUs per node, one task each (default: distributed.devices)")
+    g.add_argument("--partition")
+    g.add_argument("--account")
+    g.add_argument("--time", metavar="HH:MM:SS", help="time limit; the run checkpoints and requeues before it")
+    g.add_argument("--qos")
+    g.add_argument("--constraint")
+    if array:
+        g.add_argument("--array", metavar="INDEXES", help="job array (e.g. 0-3): task i trains run '<run>-i', seed + i")
+    g.add_argument("--site", metavar="FILE", help="site settings (default: ~/.config/wbscale/slurm.yaml if present)")
+    return p
+
+
+def _job_options(args: argparse.Namespace):
+    from wbscale.slurm.site import JobOptions
+
+    return JobOptions(
+        nodes=args.nodes, gpus_per_node=args.gpus_per_node, partition=args.partition, account=args.account,
+        time=args.time, qos=args.qos, constraint=args.constraint, array=getattr(args, "array", None),
+        site_path=args.site,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wbscale", description="Train and inspect white-box (CRATE) language models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     recipe_args, device_args = _recipe_parent(), _device_parent()
 
-    def recipe_verb(group, name: str, required: bool = True, **kwargs) -> argparse.ArgumentParser:
+    def recipe_verb(group, name: str, required: bool = True, parents=(), **kwargs) -> argparse.ArgumentParser:
         """A verb that runs a recipe: RECIPE (or --config/--recipe) and --set from the shared parent."""
-        p = group.add_parser(name, parents=[recipe_args], **kwargs)
+        p = group.add_parser(name, parents=[recipe_args, *parents], **kwargs)
         p.set_defaults(recipe_required=required, verb_parser=p)
         return p
 
@@ -578,7 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
         "`wbscale sweep RECIPE …` is short for `wbscale sweep run RECIPE …`.",
     ).add_subparsers(dest="sweep_command", required=True, metavar="{run,report}")
     p = recipe_verb(
-        sweep, "run", help="train every combination of the grid, one run each, in runs/sweeps/<name>/",
+        sweep, "run", parents=[_job_parent(array=False)], help="train every combination of the grid, one run each, in runs/sweeps/<name>/",
         description="wbscale sweep run RECIPE --set model.n_layer=2,4 --set model.n_embd=64,128 --arch crate,gpt2 "
         "trains every combination, one run each, in runs/sweeps/<name>/. A --set with two or more "
         "comma-separated values is an axis of the grid; one with a single value applies to every point.",
@@ -588,10 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FOLDER", help="sweep folder (default runs/sweeps/<name>)")
     p.add_argument("--dry-run", action="store_true", help="list the points (with --slurm: print the job scripts); run nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--slurm", action="store_true", help="submit one SLURM job per point instead of training here")
-    for flag, kind in (("--nodes", int), ("--gpus-per-node", int), ("--partition", str), ("--account", str),
-                       ("--time", str), ("--qos", str), ("--constraint", str), ("--site", str)):
-        p.add_argument(flag, type=kind, help="with --slurm: as for `wbscale slurm submit`")
+    p.add_argument("--slurm", action="store_true", help="submit one SLURM job per point (with the job options below)")
     p.set_defaults(func=cmd_sweep_run)
     p = sweep.add_parser("report", help="scaling.png, scaling.md and scaling.json of a sweep folder")
     p.add_argument("dir", metavar="DIR", help="the sweep folder, e.g. runs/sweeps/<name>")
@@ -607,19 +622,10 @@ def build_parser() -> argparse.ArgumentParser:
         dest="slurm_command", required=True
     )
     p = recipe_verb(
-        slurm, "submit", help="render the job script for a recipe and sbatch it",
+        slurm, "submit", parents=[_job_parent(array=True)], help="render the job script for a recipe and sbatch it",
         description="Renders the job script for RECIPE and submits it with sbatch. The --set overrides are "
         "saved with the run, so requeued jobs see them too.",
     )
-    p.add_argument("--nodes", type=int, help="nodes (default: the recipe's distributed.nodes)")
-    p.add_argument("--gpus-per-node", type=int, help="GPUs per node, one task each (default: distributed.devices)")
-    p.add_argument("--partition")
-    p.add_argument("--account")
-    p.add_argument("--time", metavar="HH:MM:SS", help="time limit; the run checkpoints and requeues before it")
-    p.add_argument("--qos")
-    p.add_argument("--constraint")
-    p.add_argument("--array", metavar="INDEXES", help="job array (e.g. 0-3): task i trains run '<run>-i', seed + i")
-    p.add_argument("--site", metavar="FILE", help="site settings (default: ~/.config/wbscale/slurm.yaml if present)")
     p.add_argument("--dry-run", action="store_true", help="print the job script; submit nothing")
     p.set_defaults(func=cmd_slurm_submit)
     p = slurm.add_parser("status", help="jobs of a run: state, requeues, last checkpoint step")

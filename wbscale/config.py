@@ -33,7 +33,7 @@ class ModelConfig:
     block_size: int = 128
     vocab_size: int = 0  # 0: take it from the prepared tokenizer
     dropout: float = 0.0
-    # CRATE ISTA block (DESIGN.md): overcomplete = 4x dictionary, two steps, output D z2
+    # CRATE ISTA block (docs/architecture.md): overcomplete = 4x dictionary, two steps, output D z2
     ista_variant: Literal["overcomplete", "square"] = "overcomplete"
     ista_expansion: int = 4
     ista_eta: float = 0.1
@@ -192,7 +192,7 @@ class BIMTConfig:
     Neurons sit on [0, 1] at (i + 0.5) / n; the connection cost of the selected linear maps
     is ``sum |w| (locality * |x_i - x_j| + layer_distance)``; every ``swap_every`` steps the
     ``swap_top_k`` heaviest units of each swappable layer move to the place that lowers it
-    most (DESIGN.md, BIMT; docs/bimt.md).
+    most (docs/bimt.md).
     """
 
     enabled: bool = False
@@ -246,12 +246,6 @@ class Recipe:
 
 
 # ---------------------------------------------------------------------------- building
-
-
-def _type_name(tp: Any) -> str:
-    if get_origin(tp) is Literal:
-        return " | ".join(repr(a) for a in get_args(tp))
-    return getattr(tp, "__name__", str(tp))
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:

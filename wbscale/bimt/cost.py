@@ -1,6 +1,6 @@
 """The connection cost, its closed-form gradient, the lambda schedule, modularity metrics.
 
-Cost of a geometry (DESIGN.md, BIMT; the published code's ``get_cc``):
+Cost of a geometry (docs/architecture.md, BIMT; the published code's ``get_cc``):
 
     cost = s * sum_conn sum_ij |w_ij| (A |x_i - x_j| + l0)   [+ s * l0 * sum |b| with bias_penalty]
 

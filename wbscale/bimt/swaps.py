@@ -6,7 +6,7 @@ slot ``v`` is, summed over the unit's neurons ``r`` and every connection touchin
     C[u, v] = sum_r ( sum_c |W[u_r, c]| F[v_r, c]  +  sum_k |W[k, u_r]| F[k, v_r] )
 
 with F = A |x - y| + l0 the connection's factor matrix: per connection, two GEMMs with the
-(fan x size) factor matrix (DESIGN.md, BIMT). Swapping units i and j changes the cost by
+(fan x size) factor matrix (docs/architecture.md, BIMT). Swapping units i and j changes the cost by
 
     delta(i, j) = C[i, pos_j] + C[j, pos_i] - C[i, pos_i] - C[j, pos_j]
 

@@ -20,10 +20,17 @@ import numpy as np
 
 from wbscale import __version__
 from wbscale.config import DataConfig
-from wbscale.data.shards import FORMAT, FORMAT_VERSION, SPLITS, SplitShards, check_shard
+from wbscale.data.shards import (
+    FORMAT,
+    FORMAT_VERSION,
+    SPLITS,
+    SplitShards,
+    check_shard,
+    write_file,
+)
 from wbscale.data.tokenizer import TOKENIZER_FILE
 from wbscale.errors import UserError
-from wbscale.io import atomic_write_json, sha256_file
+from wbscale.io import sha256_file
 
 __all__ = [
     "MANIFEST_FILE",
@@ -73,15 +80,20 @@ def build_manifest(
     }
 
 
+def _write_json(path: Path, obj: Any) -> None:
+    # Same bytes as wbscale.io.atomic_write_json; a full disk is a DiskFull naming the file.
+    write_file(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
 def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
     """Write ``manifest`` to ``out/manifest.json`` atomically."""
-    atomic_write_json(out / MANIFEST_FILE, manifest)
+    _write_json(out / MANIFEST_FILE, manifest)
 
 
 def write_state(out: Path, header: dict[str, Any], writers: dict[str, SplitShards]) -> None:
     """Record the progress of an unfinished prepare: ``header`` and the shards so far."""
     splits = {s: {"shards": w.records} for s, w in writers.items()}
-    atomic_write_json(out / STATE_FILE, {**header, "complete": False, "splits": splits})
+    _write_json(out / STATE_FILE, {**header, "complete": False, "splits": splits})
 
 
 # ---------------------------------------------------------------------------- reading

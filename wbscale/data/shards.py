@@ -10,19 +10,25 @@ and ends (``[document index, token offset]``).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from wbscale.errors import UserError
 from wbscale.io import atomic_write_bytes, sha256_file
 
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "SPLITS",
+    "DiskFull",
     "SourceChanged",
     "SplitShards",
     "check_shard",
@@ -30,6 +36,7 @@ __all__ = [
     "map_shard",
     "shard_glob",
     "shard_name",
+    "write_file",
 ]
 
 FORMAT = "wbscale-token-shards"
@@ -63,6 +70,48 @@ def check_shard(data_dir: Path, record: dict[str, Any], itemsize: int) -> str | 
     if sha256_file(path) != record["sha256"]:
         return "sha256 mismatch"
     return None
+
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+class DiskFull(UserError):
+    """The disk (or quota) of a data folder ran out while writing ``path``."""
+
+    def __init__(self, path: Path, needed: int | None, quota: bool = False) -> None:
+        try:
+            free: int | None = shutil.disk_usage(path.parent).free
+        except OSError:
+            free = None
+        what = "disk quota exceeded" if quota else "no space left on the disk"
+        need = f"it needs {_size(needed)}" if needed is not None else "it needs more space"
+        have = f", {_size(free)} free" if free is not None else ""
+        super().__init__(
+            f"{what} writing {path} ({need}{have}). Free up space or set data.out_dir to a "
+            "disk with more room, then re-run `wbscale data prepare`: it resumes, keeping the "
+            "shards written so far."
+        )
+        self.path, self.needed, self.free = path, needed, free
+
+
+def write_file(path: Path, payload: bytes) -> None:
+    """:func:`wbscale.io.atomic_write_bytes`; a full disk raises :class:`DiskFull` and
+    leaves no temp file (the previous version of ``path``, if any, stays)."""
+    try:
+        atomic_write_bytes(path, payload)
+    except OSError as err:
+        if err.errno not in DISK_FULL_ERRNOS:
+            raise
+        with contextlib.suppress(OSError):  # io names its temp files like this
+            path.with_name(f".{path.name}.tmp-{os.getpid()}").unlink()
+        raise DiskFull(path, len(payload), quota=err.errno == errno.EDQUOT) from None
 
 
 def map_shard(path: Path, dtype: np.dtype, tokens: int) -> np.memmap:
@@ -103,7 +152,13 @@ class SplitShards:
         self.dtype = dtype
         self.shard_tokens = shard_tokens
         self.records = [dict(r) for r in records]
-        self.valid = [check_shard(out_dir, r, dtype.itemsize) is None for r in self.records]
+        #: why each recorded shard is unusable (its file name -> reason); rebuilt by the pass
+        self.problems = {
+            r["file"]: why
+            for r in self.records
+            if (why := check_shard(out_dir, r, dtype.itemsize)) is not None
+        }
+        self.valid = [r["file"] not in self.problems for r in self.records]
         self.complete = complete
         self.jobs = self._plan()
         self._job_starts = np.array([j.start[0] for j in self.jobs], dtype=np.int64)
@@ -254,7 +309,7 @@ class SplitShards:
                 raise SourceChanged(record["file"])
             if self.valid[k]:
                 return
-            atomic_write_bytes(path, payload)
+            write_file(path, payload)
             self.valid[k] = True
         else:
             self.records.append(record)
@@ -263,7 +318,7 @@ class SplitShards:
             if check_shard(self.out_dir, record, self.dtype.itemsize) is None:
                 self.on_shard()
                 return
-            atomic_write_bytes(path, payload)
+            write_file(path, payload)
         self.shards_written += 1
         self.on_shard()
 

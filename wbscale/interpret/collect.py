@@ -40,6 +40,7 @@ from torch import Tensor
 
 from wbscale.errors import UserError
 from wbscale.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from wbscale.ranks import say
 
 __all__ = [
     "MANIFEST_FILE",
@@ -329,8 +330,7 @@ def collect(
             if progress:
                 seen = sum(rows * length for _, rows, length in batches[:done])
                 rate = (seen - tok0) / max(time.perf_counter() - t0, 1e-9)
-                print(f"[wbscale] interpret collect: {seen:,}/{plan.tokens:,} tokens, {rate:,.0f} tokens/s",
-                      file=sys.stderr)
+                say(f"{seen:,}/{plan.tokens:,} tokens, {rate:,.0f} tokens/s", topic="interpret collect")
             if stop_after_chunks is not None and chunks >= stop_after_chunks and done < len(batches):
                 return {"status": "partial", "batches_done": done, "batches": len(batches)}
     stream_s = time.perf_counter() - t0

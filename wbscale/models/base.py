@@ -251,7 +251,7 @@ class LanguageModel(nn.Module):
         count of the actual forward pass (``gemm_macs_per_layer`` per block, plus the tied
         LM head d x vocab): for GPT-2 that equals 6N up to biases and norms; for CRATE's
         ISTA block it counts the 4 (overcomplete) or 2 (square) GEMMs its one dictionary
-        takes, whose backward is again 2 x forward (DESIGN.md, Kernels).
+        takes, whose backward is again 2 x forward (docs/architecture.md, Kernels).
         """
         c = self.config
         macs = c.n_layer * self.gemm_macs_per_layer() + c.n_embd * c.vocab_size

@@ -8,7 +8,7 @@ the names GPT-2's where the role is the same. Per layer, pre-norm and causal:
     x = ISTA(LN2(x))            # sparse-code them in a learned dictionary; NO residual
 
 The ISTA block is a single call into ``wbscale.kernels.ista``: eager on CPU, fused Triton on
-CUDA, picked by ``model.ista_kernel`` (DESIGN.md, Kernels). Published CRATE-LM checkpoints are
+CUDA, picked by ``model.ista_kernel`` (docs/architecture.md, Kernels). Published CRATE-LM checkpoints are
 read by ``wbscale.models.published``.
 """
 
@@ -49,7 +49,7 @@ class MSSA(nn.Module):
 
 
 class ISTA(nn.Module):
-    """Sparse coding by unrolled ISTA on the dictionary D = W^T, W: (m, d) (DESIGN.md).
+    """Sparse coding by unrolled ISTA on the dictionary D = W^T, W: (m, d) (docs/architecture.md).
 
     overcomplete (m = expansion * d), two steps from z = 0, output D z2:
         z1 = relu(eta x W^T - eta lam);  z2 = relu(z1 + eta (x - z1 W) W^T - eta lam);  out = z2 W

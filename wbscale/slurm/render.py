@@ -17,7 +17,7 @@ from pathlib import Path
 from wbscale.config import REPO_ROOT, Recipe
 from wbscale.errors import UserError
 from wbscale.slurm.record import SLURM_DIR
-from wbscale.slurm.site import SiteConfig, check_time
+from wbscale.slurm.site import JobOptions, SiteConfig, check_time
 
 TEMPLATES_DIR = REPO_ROOT / "slurm"
 SINGLE_NODE = "single_node.sbatch"
@@ -81,17 +81,13 @@ def job_spec(
     recipe: Recipe,
     recipe_path: Path,
     site: SiteConfig,
+    options: JobOptions | None = None,
     *,
-    gpus_per_node: int | None = None,
-    partition: str | None = None,
-    account: str | None = None,
-    time: str | None = None,
-    qos: str | None = None,
-    constraint: str | None = None,
-    array: str | None = None,
     workdir: Path | None = None,
 ) -> JobSpec:
     """Command-line choices win over the site file; the recipe gives nodes and tasks."""
+    options = options or JobOptions()
+    gpus_per_node, array, time = options.gpus_per_node, options.array, options.time
     if not re.fullmatch(r"[A-Za-z0-9._+-]+", recipe.train.run_name):
         raise UserError(
             f"train.run_name {recipe.train.run_name!r}: on SLURM use letters, digits and . _ + - only "
@@ -123,11 +119,11 @@ def job_spec(
         requeue=recipe.slurm.requeue,
         python=site.python or sys.executable,
         seed=recipe.train.seed,
-        partition=partition or site.partition,
-        account=account or site.account,
+        partition=options.partition or site.partition,
+        account=options.account or site.account,
         time=time,
-        qos=qos or site.qos,
-        constraint=constraint or site.constraint,
+        qos=options.qos or site.qos,
+        constraint=options.constraint or site.constraint,
         array=array,
         cpus_per_task=site.cpus_per_task,
         modules=list(site.modules),

@@ -51,6 +51,24 @@ class SiteConfig:
     path: Path | None = None  # where it was read from (None: built-in defaults)
 
 
+@dataclass
+class JobOptions:
+    """What the command line chose for a job; ``None`` keeps the site file's or recipe's value.
+
+    One list of SLURM options for ``slurm submit``, ``sweep --slurm`` and the job renderer.
+    """
+
+    nodes: int | None = None
+    gpus_per_node: int | None = None
+    partition: str | None = None
+    account: str | None = None
+    time: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    array: str | None = None
+    site_path: str | None = None
+
+
 def default_site_path() -> Path:
     base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
     return Path(base) / "wbscale" / "slurm.yaml"

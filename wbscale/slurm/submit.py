@@ -19,7 +19,7 @@ from wbscale.errors import UserError
 from wbscale.provenance import code_version
 from wbscale.slurm.record import append_event
 from wbscale.slurm.render import JobSpec, job_spec, render
-from wbscale.slurm.site import load_site
+from wbscale.slurm.site import JobOptions, load_site
 from wbscale.slurm.status import active_jobs
 
 SBATCH_TIMEOUT = 120.0
@@ -50,20 +50,14 @@ def require_tool(name: str) -> str:
 def submit(
     recipe_ref: str,
     overrides: list[str] | None = None,
+    options: JobOptions | None = None,
     *,
-    nodes: int | None = None,
-    gpus_per_node: int | None = None,
-    partition: str | None = None,
-    account: str | None = None,
-    time: str | None = None,
-    qos: str | None = None,
-    constraint: str | None = None,
-    array: str | None = None,
-    site_path: str | None = None,
     dry_run: bool = False,
     workdir: Path | None = None,
 ) -> SubmitResult:
     """Submit (or, with ``dry_run``, only render) the job that trains a recipe."""
+    options = options or JobOptions()
+    nodes, gpus_per_node = options.nodes, options.gpus_per_node
     overrides = list(overrides or [])
     if nodes is not None:
         if nodes < 1:
@@ -75,14 +69,10 @@ def submit(
         if gpus_per_node > 0:  # one task per GPU; 0 keeps the recipe's devices (CPU processes)
             overrides += [f"distributed.devices={gpus_per_node}", "distributed.accelerator=gpu"]
     recipe = load_recipe(recipe_ref, overrides)
-    site = load_site(site_path)
+    site = load_site(options.site_path)
     workdir = (workdir or Path.cwd()).resolve()
     run_dir = (workdir / recipe.run_dir).resolve()
-    spec = job_spec(
-        recipe, run_dir / "recipe.yaml", site,
-        gpus_per_node=gpus_per_node, partition=partition, account=account, time=time, qos=qos,
-        constraint=constraint, array=array, workdir=workdir,
-    )
+    spec = job_spec(recipe, run_dir / "recipe.yaml", site, options, workdir=workdir)
     script = render(spec)
     if dry_run:
         return SubmitResult(None, run_dir, script, spec)

@@ -41,6 +41,8 @@ from wbscale.config import Recipe, load_recipe, parse_overrides, resolve_recipe_
 from wbscale.errors import UserError
 from wbscale.io import atomic_write_json
 from wbscale.provenance import report_environment
+from wbscale.ranks import say
+from wbscale.slurm.site import JobOptions
 
 SWEEP_FILE = "sweep.json"
 # Short names for the usual axes, so point names stay readable: crate-L4-d128.
@@ -200,20 +202,6 @@ class SweepResult:
     scripts: list[str] = field(default_factory=list)  # dry-run SLURM scripts
 
 
-@dataclass
-class SlurmOptions:
-    """Passed through to :func:`wbscale.slurm.submit.submit` for every point."""
-
-    nodes: int | None = None
-    gpus_per_node: int | None = None
-    partition: str | None = None
-    account: str | None = None
-    time: str | None = None
-    qos: str | None = None
-    constraint: str | None = None
-    site_path: str | None = None
-
-
 def _load_state(spec: SweepSpec, points: list[Point]) -> dict[str, Any]:
     path = spec.out_dir / SWEEP_FILE
     fresh = {
@@ -249,7 +237,7 @@ def _progress_bar(total: int, enabled: bool):
 def run_sweep(
     spec: SweepSpec,
     *,
-    slurm: SlurmOptions | None = None,
+    slurm: JobOptions | None = None,
     dry_run: bool = False,
     progress: bool | None = None,
     fit_fn: Callable[..., Any] | None = None,
@@ -305,7 +293,7 @@ def run_sweep(
             except Exception as err:  # one failed point must not lose the others
                 record.update(status="failed", error=f"{type(err).__name__}: {err}")
                 result.failed.append(point.name)
-                print(f"[wbscale] sweep point '{point.name}' failed: {record['error']}", file=sys.stderr)
+                say(f"sweep point '{point.name}' failed: {record['error']}")
             else:
                 if not getattr(outcome, "already_complete", False):
                     record["seconds"] = round(record.get("seconds", 0.0) + time.monotonic() - start, 1)
@@ -322,7 +310,7 @@ def run_sweep(
 
 
 def _submit_points(
-    spec: SweepSpec, points: list[Point], slurm: SlurmOptions, dry_run: bool, state: dict[str, Any], result: SweepResult
+    spec: SweepSpec, points: list[Point], slurm: JobOptions, dry_run: bool, state: dict[str, Any], result: SweepResult
 ) -> None:
     from wbscale.slurm.submit import submit
 
@@ -330,9 +318,7 @@ def _submit_points(
     for point, record in zip(points, state["points"], strict=True):
         if record.get("status") in ("submitted", "done") and not dry_run:
             continue
-        submitted = submit(
-            spec.recipe, point.overrides, dry_run=dry_run, **dataclasses.asdict(slurm)
-        )
+        submitted = submit(spec.recipe, point.overrides, slurm, dry_run=dry_run)
         if dry_run:
             result.scripts.append(submitted.script)
             continue

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -36,16 +35,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from wbscale.io import atomic_write_text
 from wbscale.provenance import run_environment
-from wbscale.ranks import launch_rank
+from wbscale.ranks import launch_rank, say_always
 
 WANDB_ID_FILE = "wandb_id.txt"
 DEFAULT_INIT_TIMEOUT = 20.0
 DEFAULT_FINISH_TIMEOUT = 120.0
 PROBE_TIMEOUT = 3.0
-
-
-def _say(msg: str) -> None:
-    print(f"wbscale: {msg}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- run id
@@ -206,7 +201,7 @@ class WandbStepLogger(WandbLogger):
         current = int(getattr(run, "step", 0) or 0)
         if step < current:
             if not self._warned_rewind:
-                _say(
+                say_always(
                     f"wandb: dropping metrics at step {step} < wandb's current step {current} "
                     "(already logged by an earlier segment of this run)"
                 )
@@ -284,7 +279,7 @@ def _init_run(
         else:
             try:
                 run = init("online")
-                _say(f"wandb: online run {run_id}: {getattr(run, 'url', '')}")
+                say_always(f"wandb: online run {run_id}: {getattr(run, 'url', '')}")
                 return run
             except Exception as err:  # noqa: BLE001 - any failure to start online means offline
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -305,9 +300,9 @@ def _init_run(
     run = init("offline")
     sync_dir = getattr(run.settings, "sync_dir", None) or str(run_dir / "wandb")
     if warning:
-        _say(f"wandb: WARNING {warning}; logging offline run {run_id}, upload it later with: wandb sync {sync_dir}")
+        say_always(f"wandb: WARNING {warning}; logging offline run {run_id}, upload it later with: wandb sync {sync_dir}")
     else:
-        _say(f"wandb: offline run {run_id} ({reason}); upload it later with: wandb sync {sync_dir}")
+        say_always(f"wandb: offline run {run_id} ({reason}); upload it later with: wandb sync {sync_dir}")
     return run
 
 

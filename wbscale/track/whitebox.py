@@ -2,7 +2,7 @@
 
 One implementation, used by the training callback (:class:`wbscale.track.callbacks.WhiteBoxMetrics`)
 and by ``wbscale metrics --ckpt``. Everything reads ``model.white_box_forward(idx)``, which
-returns per-layer lists of tensors (DESIGN.md, "CRATE language model"):
+returns per-layer lists of tensors (docs/architecture.md, "CRATE language model"):
 
 - CRATE: ``sparse_code`` (B, T, m) = the ISTA code z2 (>= 0), ``head_projections``
   (B, n_head, T, p) = X U_k with X = LN1(x), ``mssa_input`` (B, T, d) = LN1(x),
