@@ -3,9 +3,12 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 # On a machine without an NVIDIA GPU take the CPU build of torch first: a bare `torch`
-# requirement would pull a multi-GB CUDA build.
+# requirement would pull a multi-GB CUDA build. PyTorch's own CPU wheel index is tried
+# first (it has CPU wheels for every platform); where it cannot be reached, the plain pin.
 HAS_NVIDIA_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
-TORCH_CPU_PIN  ?= torch==2.13.0
+TORCH_CPU_PIN   ?= torch==2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+EXTRAS          ?= all,dev
 PYTEST_ARGS    ?=
 
 .PHONY: venv demo test test-fast lint bench clean
@@ -15,13 +18,14 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 ifeq ($(HAS_NVIDIA_GPU),)
-	$(BIN)/pip install --quiet $(TORCH_CPU_PIN)
+	$(BIN)/pip install --quiet --timeout 15 --retries 0 --index-url $(TORCH_CPU_INDEX) '$(TORCH_CPU_PIN)' 2>/dev/null \
+		|| $(BIN)/pip install --quiet '$(TORCH_CPU_PIN)'
 endif
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[$(EXTRAS)]'
 	touch $@
 
 demo: venv
-	$(BIN)/wbscale fit --recipe demo
+	$(BIN)/wbscale fit demo
 	$(BIN)/wbscale interpret collect --ckpt runs/demo --out runs/demo-interpret --tokens 16384
 	$(BIN)/wbscale interpret report runs/demo-interpret
 

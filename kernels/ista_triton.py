@@ -83,6 +83,10 @@ from .reference import ista_overcomplete_reference, ista_square_reference
 
 __all__ = [
     "FIXED_CONFIG",
+    "collect_compile_jobs",
+    "job_key",
+    "precompile",
+    "replay",
     "SAVE_MODES",
     "TUNE_MIN_TOKENS",
     "TUNE_MIN_TOKENS_NO_GRAD",
@@ -371,12 +375,14 @@ _KEY = [
     "PRECISION",
 ]
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps, EPI_SUBTILE): Hopper-sized tiles only;
-# at training sizes (T >= 4096 tokens, d >= 512) nothing smaller wins. 128 x 256 comes with
-# and without the split epilogue: the tuner measures which one the register budget favours.
+# at training sizes (T >= 4096 tokens, d >= 512) nothing smaller wins. The two 8-warp big
+# tiles run an epilogue that reads tensors on two column halves (EPI_SUBTILE=2): compiled
+# for sm_90a (triton 3.9, ptxas -v), g1 (aux + mask) at 128 x 256 goes from 255 registers
+# and spill stores to 214 and none, the square block's gx (aux + gated) from 664 spilled
+# bytes to none; 256 x 128 likewise. Launches whose epilogue reads nothing run them whole.
 _GPU_TILES = [
-    (128, 256, 64, 4, 8, 1),
     (128, 256, 64, 4, 8, 2),
-    (256, 128, 64, 3, 8, 1),
+    (256, 128, 64, 3, 8, 2),
     (128, 128, 64, 4, 8, 1),
     (128, 128, 64, 3, 4, 1),
 ]
@@ -441,13 +447,13 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs: Any) -> lis
     """Keep the configs worth timing for this launch.
 
     Drops tiles far larger than the problem, pipelines that do not fit in shared memory
-    (fp32 operands, or an Ampere part), the split epilogue where the epilogue reads nothing,
-    split-K that leaves a split under 256 rows or makes more than 4 waves of programs.
+    (fp32 operands, or an Ampere part) and split-K that leaves a split under 256 rows; an
+    epilogue that reads nothing runs whole (one binary less to compile per tile).
     """
     m, n, k = named_args["M"], named_args["N"], named_args["K"]
     a0 = named_args["a0_ptr"]
     element = a0.element_size()
-    sms, smem = _device_limits(a0.device.index or 0) if a0.is_cuda else (132, 227 * 1024)
+    smem = _device_limits(a0.device.index or 0)[1] if a0.is_cuda else 227 * 1024
     loads = bool(kwargs.get("HAS_AUX") or kwargs.get("HAS_MASK") or kwargs.get("HAS_GATED"))
     cap_m = max(16, triton.next_power_of_2(m))
     cap_n = max(16, triton.next_power_of_2(n))
@@ -457,14 +463,14 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs: Any) -> lis
         split = c.kwargs["SPLIT_K"]
         if bm > cap_m or bn > cap_n:
             continue
-        if c.kwargs["EPI_SUBTILE"] > 1 and not loads:
-            continue
         if c.num_stages * (bm + bn) * bk * element > smem:
             continue
-        if split > 1:
-            tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-            if k // split < 256 or tiles * split > 4 * sms:
-                continue
+        if split > 1 and k // split < 256:
+            continue
+        if c.kwargs["EPI_SUBTILE"] > 1 and not loads:
+            c = triton.Config(
+                {**c.kwargs, "EPI_SUBTILE": 1}, num_warps=c.num_warps, num_stages=c.num_stages
+            )
         kept.append(c)
     return kept or [_fixed_triton_config()]
 
@@ -559,6 +565,65 @@ def trace_gemms() -> Iterator[list[dict[str, Any]]]:
         _trace = previous
 
 
+_collect: list[dict[str, Any]] | None = None
+
+
+@contextlib.contextmanager
+def collect_compile_jobs() -> Iterator[list[dict[str, Any]]]:
+    """Dry run: record the binaries the block's launches would compile; launch nothing.
+
+    Inside, every Triton GEMM returns its (uninitialised) output without running, and
+    appends one job per config it could run (the autotuner's pruned list, or the fixed
+    config) to the yielded list. :func:`precompile` compiles a job into Triton's on-disk
+    cache, so a pool of processes can build them all in parallel before the real run
+    (``wbscale bench gpu``: the autotuner would otherwise compile them one by one).
+    """
+    global _collect
+    previous, _collect = _collect, []
+    try:
+        yield _collect
+    finally:
+        _collect = previous
+
+
+def _job_arg(v: Any) -> Any:
+    if isinstance(v, Tensor):
+        return {"dtype": str(v.dtype).removeprefix("torch.")}
+    return v
+
+
+def job_key(job: dict[str, Any]) -> str:
+    """Jobs with equal keys compile to the same binary (Triton specialises ints on == 1 and
+    on divisibility by 16, never on the do-not-specialise ones)."""
+    names = _gemm_kernel.arg_names
+    unspecialised = {names.index(n) for n in ("SPLIT_K", "M_BUCKET", "K_BUCKET")}
+
+    def norm(i: int, v: Any) -> Any:
+        if isinstance(v, float):
+            return "f"
+        if isinstance(v, bool) or not isinstance(v, int):
+            return v
+        if i in unspecialised:
+            return "*"
+        return 1 if v == 1 else ("D" if v % 16 == 0 else "n")
+
+    spec = [norm(i, v) for i, v in enumerate(job["args"])]
+    return repr((spec, sorted(job["kwargs"].items())))
+
+
+def precompile(job: dict[str, Any]) -> None:
+    """Compile one job from :func:`collect_compile_jobs` for the current CUDA device."""
+    args = [getattr(torch, a["dtype"]) if isinstance(a, dict) else a for a in job["args"]]
+    _gemm_kernel.warmup(*args, grid=(1,), **job["kwargs"])
+
+
+def _record_jobs(args: tuple, flags: dict[str, Any], configs: list[triton.Config]) -> None:
+    spec = [_job_arg(a) for a in args]
+    for c in configs:
+        kwargs = {**flags, **c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+        _collect.append({"args": spec, "kwargs": kwargs})
+
+
 def _uses_triton(t: Tensor) -> bool:
     return t.dtype in _TRITON_DTYPES and (t.is_cuda or (_INTERPRET and t.device.type == "cpu"))
 
@@ -646,6 +711,19 @@ def _gemm(
         tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
         return (tiles, meta["SPLIT_K"])
 
+    if _collect is not None:
+        if _forced_config is not None or not tuned:
+            meta = dict(_forced_config if _forced_config is not None else FIXED_CONFIG)
+            if not weight_grad:
+                meta["SPLIT_K"] = 1
+            meta["ATOMIC"] = meta["SPLIT_K"] > 1
+            configs = [triton.Config(meta, **_FIXED_LAUNCH)]
+        else:
+            tuner = _wgrad_tuned if weight_grad else _gemm_tuned
+            named = dict(zip(_gemm_kernel.arg_names, args, strict=False))
+            configs = _prune(tuner.configs, named, **flags)
+        _record_jobs(args, flags, configs)
+        return out
     with _device_guard(a0):
         if _forced_config is not None or not tuned:
             meta = dict(_forced_config if _forced_config is not None else FIXED_CONFIG)
@@ -677,6 +755,29 @@ def _gemm(
 
 def _device_guard(t: Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def replay(launch: dict[str, Any], epilogue: bool = True) -> Tensor:
+    """Run one launch recorded by :func:`trace_gemms` again, on the same operands.
+
+    ``epilogue=False``: the same GEMM with a plain store (no aux, gate, ReLU or mask; an A
+    mask stays, it is part of the main loop), to tell main-loop time from epilogue time.
+    A weight-gradient launch zeroes its fp32 buffer first, as the block does.
+    """
+    ep = launch["epilogue"]
+    out = ep["out"]
+    if launch["weight_grad"]:
+        out.zero_()
+    kwargs: dict[str, Any] = {"a_mask": ep["a_mask"]}
+    if epilogue:
+        kwargs.update(
+            beta=ep["beta"], aux=ep["aux"], gated=ep["gated"], gate=ep["gate"],
+            relu=ep["relu"], mask=ep["mask"],
+        )  # fmt: skip
+    return _gemm(
+        launch["segments"], out=out, weight_grad=launch["weight_grad"], tuned=launch["tuned"],
+        name=launch["name"], **kwargs,
+    )  # fmt: skip
 
 
 def _gemm_torch(

@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from wbscale import __version__
 from wbscale.errors import UserError
 
 
@@ -409,6 +410,7 @@ def _job_options(args: argparse.Namespace):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wbscale", description="Train and inspect white-box (CRATE) language models.")
+    parser.add_argument("--version", action="version", version=f"wbscale {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     recipe_args, device_args = _recipe_parent(), _device_parent()
 

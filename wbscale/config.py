@@ -8,6 +8,7 @@ resolved recipe is saved next to every run and inside every checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,8 +19,9 @@ import yaml
 
 from wbscale.errors import UserError, did_you_mean
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-RECIPES_DIR = REPO_ROOT / "recipes"
+REPO_ROOT = Path(__file__).resolve().parent.parent  # the checkout (git provenance); not the install
+# The shipped recipes: recipes/ in a checkout, wbscale/recipes/ in an installed wheel.
+RECIPES_DIR = Path(str(importlib.resources.files("wbscale.recipes")))
 
 
 @dataclass

@@ -402,7 +402,13 @@ def acquire(
         start = _pid_start(os.getpid())
         if start is not None:
             record["pid_start"] = start
-        fd = _create(path, record)
+        try:
+            fd = _create(path, record)
+        except OSError as err:
+            raise UserError(
+                f"cannot create the lock file {path} ({err.strerror or err}): check that its "
+                "folder is writable and its disk has free space"
+            ) from None
         if fd is not None:
             return Lock(path, purpose, fd, heartbeat_every)
         try:

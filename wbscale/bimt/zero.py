@@ -22,10 +22,11 @@ from torch import Tensor, nn
 
 from wbscale.bimt.geometry import Geometry, tensor
 from wbscale.bimt.swaps import apply_permutation, neuron_index
+from wbscale.dist import deepspeed_engine
 
 
 def zero_optimizer(trainer: Any) -> Any:
-    engine = trainer.strategy.deepspeed_engine
+    engine = deepspeed_engine(trainer.strategy)
     opt = engine.optimizer
     for attr in ("single_partition_of_fp32_groups", "round_robin_bit16_groups", "round_robin_bit16_offsets"):
         if not hasattr(opt, attr):

@@ -7,8 +7,9 @@ Output folder (``data.out_dir``)::
     val_000000.bin ...
     manifest.json           written last (fields: :mod:`wbscale.data.manifest`)
 
-This module is the orchestration: the folder lock, the parallel tokenize pass (worker
-processes feeding the shard writers in document order), then the manifest. A crashed
+This module is the orchestration: the folder lock (:mod:`wbscale.locks`; the lock of a
+killed prepare is taken over), the parallel tokenize pass (worker processes feeding the
+shard writers in document order; they die with their parent), then the manifest. A crashed
 or damaged run re-tokenizes only the documents of missing or corrupt shards (plus the
 unfinished tail) and rewrites only shards whose checksum differs; a finished folder
 with the same config is left alone. The train/val split of the documents is
@@ -18,11 +19,14 @@ with the same config is left alone. The train/val split of the documents is
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import math
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -36,6 +40,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
+from wbscale import locks
 from wbscale.config import DataConfig
 from wbscale.data.bpe import BPE_TRAIN_MAX_CHARS, bpe_training_text, train_bpe
 from wbscale.data.manifest import (
@@ -49,12 +54,15 @@ from wbscale.data.manifest import (
     write_state,
 )
 from wbscale.data.shards import (
+    DISK_FULL_ERRNOS,
     FORMAT_VERSION,
     SPLITS,
+    DiskFull,
     SourceChanged,
     SplitShards,
     dtype_for_vocab,
     shard_glob,
+    write_file,
 )
 from wbscale.data.sources import (
     iter_chunks,
@@ -71,7 +79,7 @@ from wbscale.data.tokenizer import (
     vocab_size,
 )
 from wbscale.errors import UserError
-from wbscale.io import atomic_write_bytes, sha256_file
+from wbscale.io import sha256_file
 
 __all__ = [
     "LOCK_FILE",
@@ -120,8 +128,37 @@ _worker_eot = 0
 _worker_dtype = np.dtype("<u2")
 
 
-def _init_worker(tokenizer_json: str, eot: int, dtype: str) -> None:
+def _die_with_parent(parent: int) -> None:
+    """End this worker when the process that started it ends, however it ends.
+
+    Linux: the kernel sends SIGKILL at the parent's death (``PR_SET_PDEATHSIG``). Elsewhere,
+    or if prctl is refused, a daemon thread polls the parent pid every second.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) == 0:  # 1 = PR_SET_PDEATHSIG
+                if os.getppid() != parent:  # it died before prctl took effect
+                    os._exit(1)
+                return
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="wbscale-parent-watch", daemon=True).start()
+
+
+def _init_worker(tokenizer_json: str, eot: int, dtype: str, parent: int) -> None:
     global _worker_tok, _worker_eot, _worker_dtype
+    _die_with_parent(parent)
+    # The parent alone handles Ctrl-C and SIGTERM (it shuts the pool down, releases the
+    # lock); a fork also inherited its Python-level handlers, which must not run here.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # One thread per worker process: the processes are the parallelism, and tokenizers'
     # own thread pool on top would oversubscribe the cores.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -196,7 +233,7 @@ def _start_pool(n: int, tok: Tokenizer, eot: int, dtype: np.dtype) -> ProcessPoo
         n,
         mp_context=multiprocessing.get_context(method),
         initializer=_init_worker,
-        initargs=(tok.to_str(), eot, dtype.str),
+        initargs=(tok.to_str(), eot, dtype.str, os.getpid()),
     )
     # A fork executor forks all workers on its first task. tokenizers prints a warning in
     # a child forked after its thread pool ran (BPE training) unless this variable is set;
@@ -251,8 +288,8 @@ def tokenize_pass(
             lengths, flat = result.result() if pool is not None else result
         except BrokenProcessPool:
             raise UserError(
-                "a tokenizer worker process died (out of memory?). Re-run prepare (it "
-                "resumes) with fewer data.workers."
+                "a tokenizer worker process died (killed, or out of memory?). Re-run prepare "
+                "(it resumes), with fewer data.workers if memory ran out."
             ) from None
         for code, split in ((False, "train"), (True, "val")):
             sel = is_val == code
@@ -329,6 +366,7 @@ class PrepareReport:
     seconds: float = 0.0
     tokens_per_second: float = 0.0
     workers: int = 0
+    repaired: list[str] = field(default_factory=list)  # corrupt or missing shards rebuilt
 
 
 def prepare(cfg: DataConfig, progress: bool = True, force: bool = False) -> Path:
@@ -348,22 +386,34 @@ def prepare_data(cfg: DataConfig, progress: bool = True, force: bool = False) ->
     if out.exists() and not out.is_dir():
         raise UserError(f"data.out_dir '{out}' is a file; set data.out_dir to a folder path")
     fingerprint = config_fingerprint(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    with _locked(out):
-        _remove_temp_files(out)
-        manifest = read_json_or_none(out / MANIFEST_FILE)
-        state = read_json_or_none(out / STATE_FILE)
-        prior = manifest if manifest is not None else state
-        if prior is not None and prior.get("fingerprint") != fingerprint:
-            if not force:
-                raise UserError(_changed_message(out, prior.get("fingerprint") or {}, fingerprint))
-            _clear(out)
-            manifest = state = prior = None
-        if manifest is not None and manifest_intact(out, manifest):
-            report = PrepareReport(out, up_to_date=True, documents=int(manifest["documents"]))
-            print(f"data in {out} is up to date ({manifest_summary(manifest)}); nothing to do", file=sys.stderr)
-            return report
-        return _build(cfg, out, fingerprint, manifest, prior, progress)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with _sigterm_exits(out), _locked(out):
+            return _prepare_locked(cfg, out, fingerprint, progress, force)
+    except OSError as err:
+        if err.errno not in DISK_FULL_ERRNOS:
+            raise
+        # A write outside write_file (a folder, the BPE trainer's files): name what we can.
+        raise DiskFull(Path(err.filename) if err.filename else out, None) from None
+
+
+def _prepare_locked(
+    cfg: DataConfig, out: Path, fingerprint: dict[str, Any], progress: bool, force: bool
+) -> PrepareReport:
+    _remove_temp_files(out)
+    manifest = read_json_or_none(out / MANIFEST_FILE)
+    state = read_json_or_none(out / STATE_FILE)
+    prior = manifest if manifest is not None else state
+    if prior is not None and prior.get("fingerprint") != fingerprint:
+        if not force:
+            raise UserError(_changed_message(out, prior.get("fingerprint") or {}, fingerprint))
+        _clear(out)
+        manifest = state = prior = None
+    if manifest is not None and manifest_intact(out, manifest):
+        report = PrepareReport(out, up_to_date=True, documents=int(manifest["documents"]))
+        print(f"data in {out} is up to date ({manifest_summary(manifest)}); nothing to do", file=sys.stderr)
+        return report
+    return _build(cfg, out, fingerprint, manifest, prior, progress)
 
 
 def _build(
@@ -406,6 +456,10 @@ def _build(
     for w in writers.values():
         w.on_shard = save_state  # type: ignore[method-assign]
     save_state()  # records the tokenizer, so a crash from here on keeps it
+    repaired = [name for w in writers.values() for name in w.problems]
+    for w in writers.values():
+        for name, why in w.problems.items():
+            print(f"prepare: shard {out / name} is corrupt ({why}); rebuilding it", file=sys.stderr)
 
     bar = _Progress(progress)
     try:
@@ -450,15 +504,17 @@ def _build(
 
     written = sum(w.shards_written for w in writers.values())
     rate = stats.tokens / stats.seconds if stats.seconds > 0 else 0.0
+    rebuilt = f" (rebuilt {', '.join(repaired)})" if repaired else ""
     print(
         f"prepared {out}: {manifest_summary(new_manifest)}; tokenized {stats.documents_tokenized:,} "
         f"documents ({stats.tokens:,} tokens) in {stats.seconds:.1f}s = "
-        f"{rate / 1e6:.2f}M tokens/s with {stats.workers} workers; {written} shards written",
+        f"{rate / 1e6:.2f}M tokens/s with {stats.workers} workers; {written} shards written{rebuilt}",
         file=sys.stderr,
     )
     return PrepareReport(
         out,
         up_to_date=False,
+        repaired=repaired,
         documents=sum(doc_counts.values()),
         documents_tokenized=stats.documents_tokenized,
         tokens=stats.tokens,
@@ -485,9 +541,12 @@ def _ensure_tokenizer(
     path = out / TOKENIZER_FILE
     if prior is not None and path.is_file() and sha256_file(path) == prior.get("tokenizer_sha256"):
         return load_tokenizer_file(path), prior["tokenizer_sha256"]
+    if prior is not None:
+        why = "differs from the one the shards were made with" if path.is_file() else "is missing"
+        print(f"prepare: {path} {why}; rebuilding it", file=sys.stderr)
     tok, payload = new_tokenizer(cfg)
     eot_id(tok)  # no end-of-document token: fail before writing anything
-    atomic_write_bytes(path, payload)
+    write_file(path, payload)
     return tok, hashlib.sha256(payload).hexdigest()
 
 
@@ -537,22 +596,45 @@ def _clear(out: Path) -> None:
 
 @contextlib.contextmanager
 def _locked(out: Path) -> Iterator[None]:
+    """Hold ``out/.prepare.lock``; a lock left by a killed prepare is taken over."""
     try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks; concurrent prepares are on the user
+        lock = locks.acquire(out / LOCK_FILE, "wbscale data prepare")
+    except locks.LockHeld as err:
+        raise UserError(f"another `wbscale data prepare` is writing to '{out}': {err}") from None
+    with lock:
+        yield
+
+
+class _Terminated(SystemExit):
+    """SIGTERM during prepare: unwinds like Ctrl-C, then exits with status 143."""
+
+
+@contextlib.contextmanager
+def _sigterm_exits(out: Path) -> Iterator[None]:
+    """Turn SIGTERM into a clean stop: the pool is shut down, the lock released, temp
+    files left for the next run to remove; the process exits 143 (128 + SIGTERM).
+    Only where SIGTERM still has its default action, in the main thread."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
         yield
         return
-    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+
+    def stop(signum: int, frame: Any) -> None:
+        raise _Terminated(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(
-                f"another `wbscale data prepare` is writing to '{out}' (it holds "
-                f"{out / LOCK_FILE}). Wait for it to finish, or stop it and re-run."
-            ) from None
         yield
+    except _Terminated:
+        print(
+            f"wbscale: data prepare stopped by SIGTERM; re-run it to resume ('{out}' keeps the "
+            "shards written so far)",
+            file=sys.stderr,
+        )
+        raise
     finally:
-        os.close(fd)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 

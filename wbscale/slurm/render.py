@@ -8,18 +8,20 @@ silently.
 
 from __future__ import annotations
 
+import importlib.resources
 import re
 import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wbscale.config import REPO_ROOT, Recipe
+from wbscale.config import Recipe
 from wbscale.errors import UserError
 from wbscale.slurm.record import SLURM_DIR
 from wbscale.slurm.site import JobOptions, SiteConfig, check_time
 
-TEMPLATES_DIR = REPO_ROOT / "slurm"
+# slurm/ in a checkout, wbscale/sbatch/ in an installed wheel
+TEMPLATES_DIR = Path(str(importlib.resources.files("wbscale.sbatch")))
 SINGLE_NODE = "single_node.sbatch"
 MULTI_NODE = "multi_node.sbatch"
 PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")

@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import threading
 import time
@@ -33,6 +34,7 @@ from lightning.fabric.loggers.logger import _DummyExperiment
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from wbscale.errors import extra_requirement
 from wbscale.io import atomic_write_text
 from wbscale.provenance import run_environment
 from wbscale.ranks import launch_rank, say_always
@@ -329,6 +331,13 @@ def make_wandb_logger(
         rank = launch_rank()
     mode, reason = resolve_wandb_mode(cfg.mode)
     if mode == "disabled":
+        return None
+    if importlib.util.find_spec("wandb") is None:
+        if rank == 0:
+            say_always(
+                "wandb is not installed: metrics go to metrics.jsonl only "
+                f"(pip install '{extra_requirement('wandb')}' to track runs in wandb)"
+            )
         return None
     run_dir = Path(run_dir)
     if init_timeout is None:

@@ -28,7 +28,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
 
 from wbscale.config import Recipe
-from wbscale.errors import UserError, did_you_mean
+from wbscale.errors import UserError, did_you_mean, require
 
 # Top-level keys of a DeepSpeed config (https://www.deepspeed.ai/docs/config-json/) that
 # ``distributed.deepspeed_extra`` may set. Anything else is a typo or a key of another tool.
@@ -377,6 +377,7 @@ def build_strategy(recipe: Recipe, accelerator: str, precision: str = "32-true",
             # every parameter gets a gradient on every step: no unused-parameter search
             find_unused_parameters=False,
         )
+    require("deepspeed", "deepspeed", "distributed.strategy: deepspeed")
     if accelerator == "cpu":
         # must be set before DeepSpeed picks its accelerator (at its first use)
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

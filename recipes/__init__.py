@@ -1,0 +1,1 @@
+"""The shipped recipes, installed as package data ``wbscale.recipes`` (``wbscale recipes list``)."""
