@@ -723,6 +723,8 @@ def _gemm(
             named = dict(zip(_gemm_kernel.arg_names, args, strict=False))
             configs = _prune(tuner.configs, named, **flags)
         _record_jobs(args, flags, configs)
+        _record_trace(name, segments, out, beta, aux, gated, gate, relu, mask, a_mask,
+                      weight_grad, tuned, None, (M, N, K * len(segments)))  # fmt: skip
         return out
     with _device_guard(a0):
         if _forced_config is not None or not tuned:
@@ -737,6 +739,14 @@ def _gemm(
             tuner[grid](*args, **flags)
             best = getattr(tuner, "best_config", None)
             config = _config_dict(best) if best is not None else {}
+    _record_trace(name, segments, out, beta, aux, gated, gate, relu, mask, a_mask,
+                  weight_grad, tuned, config, (M, N, K * len(segments)))  # fmt: skip
+    return out
+
+
+def _record_trace(
+    name, segments, out, beta, aux, gated, gate, relu, mask, a_mask, weight_grad, tuned, config, mnk
+) -> None:
     if _trace is not None:
         _trace.append(
             {
@@ -747,10 +757,9 @@ def _gemm(
                 "weight_grad": weight_grad,
                 "tuned": tuned,
                 "config": config,
-                "mnk": (M, N, K * len(segments)),
+                "mnk": mnk,
             }
         )  # fmt: skip
-    return out
 
 
 def _device_guard(t: Tensor) -> contextlib.AbstractContextManager:

@@ -519,3 +519,47 @@ def test_lock_refuses_a_concurrent_prepare(tmp_path):
             prep.prepare(small_cfg(tmp_path), progress=False)
     finally:
         os.close(fd)
+
+
+def test_lock_of_a_live_prepare_names_its_holder(tmp_path):
+    import subprocess
+
+    from wbscale import locks
+
+    out = tmp_path / "data"
+    hold = (
+        "import sys, time\nfrom wbscale.locks import acquire\n"
+        "lock = acquire(sys.argv[1], 'wbscale data prepare')\nprint('held', flush=True)\ntime.sleep(60)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", hold, str(out / prep.LOCK_FILE)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "held\n"
+        with pytest.raises(UserError, match=rf"another `wbscale data prepare` is writing to .*pid {proc.pid} on "):
+            prep.prepare(small_cfg(tmp_path), progress=False)
+        assert locks.read_holder(out / prep.LOCK_FILE).pid == proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+    prep.prepare(small_cfg(tmp_path), progress=False)  # its holder is gone: taken over
+    assert not (out / prep.LOCK_FILE).exists()
+
+
+def test_lock_left_by_a_killed_prepare_is_taken_over(tmp_path, capfd):
+    import socket
+    import subprocess
+
+    out = tmp_path / "data"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock = out / prep.LOCK_FILE
+    lock.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "2024-01-01T00:00:00Z"}))
+    prep.prepare(small_cfg(tmp_path), progress=False)
+    err = capfd.readouterr().err
+    assert f"taking over the stale lock {lock} of pid {dead.pid}" in err and "no longer running" in err
+    assert not lock.exists()
+    lock.write_text("")  # the empty file older versions left in every prepared folder
+    prep.prepare(small_cfg(tmp_path), progress=False)
+    assert "empty or unreadable" in capfd.readouterr().err

@@ -145,6 +145,9 @@ class DistributedConfig:
     offload_params: bool = False
     activation_checkpointing: bool = False
     deepspeed_extra: dict[str, Any] = field(default_factory=dict)
+    # Collective timeout (seconds) of the process group: a rank that hangs (stopped,
+    # deadlocked, a dead node) makes the others fail after this long instead of 30 min.
+    timeout_s: int = 600
 
 
 @dataclass
@@ -467,6 +470,7 @@ def validate(r: Recipe) -> None:
     _check(r.tracking.metrics_every >= 0, "tracking.metrics_every must be >= 0 (0 disables)")
     _check(dist.zero_stage in (1, 2, 3), f"distributed.zero_stage must be 1, 2 or 3 (got {dist.zero_stage})")
     _check(dist.devices >= 1 and dist.nodes >= 1, "distributed.devices and distributed.nodes must be >= 1")
+    _check(dist.timeout_s >= 10, f"distributed.timeout_s must be >= 10 seconds (got {dist.timeout_s})")
     _check(r.slurm.grace_seconds >= 1, f"slurm.grace_seconds must be >= 1 (got {r.slurm.grace_seconds})")
     if m.pretrained is not None:
         _check(m.arch == "gpt2", "model.pretrained is only supported for model.arch: gpt2")

@@ -333,7 +333,7 @@ def _create_excl(path: Path, payload: bytes) -> int | None:
 def _stale_reason(path: Path, holder: Holder | None, stale_after: float) -> str | None:
     """Why the holder is gone (the lock may be taken), or None if it may be alive."""
     if holder is None:
-        return "the lock file is unreadable and no process holds it"
+        return "the lock file is empty or unreadable (left by an older wbscale?) and no process holds it"
     if holder.pid is None:
         return "the lock file names no process"
     if holder.host == socket.gethostname():

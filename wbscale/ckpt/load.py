@@ -18,7 +18,7 @@ import yaml
 from safetensors.torch import load_model, save_model
 from tokenizers import Tokenizer
 
-from wbscale.ckpt.format import read_checkpoint
+from wbscale.ckpt.format import META_FILE, read_checkpoint, verify_checkpoint
 from wbscale.config import Recipe, recipe_from_dict, save_recipe
 from wbscale.errors import UserError
 from wbscale.models import build_model
@@ -32,15 +32,21 @@ TOKENIZER_FILE = "tokenizer.json"
 
 def _load_training_checkpoint(path: Path) -> tuple[LanguageModel, Recipe, Path | None]:
     info = read_checkpoint(path)
+    if "recipe" not in info.meta:
+        raise UserError(f"{info.path / META_FILE}: corrupt checkpoint metadata (no 'recipe')")
     recipe = recipe_from_dict(info.meta["recipe"])
-    model = build_model(recipe.model)
     model_path = info.model_path
     if model_path.is_dir():
         raise UserError(
             f"{info.path} is a sharded (DeepSpeed) checkpoint; run `wbscale ckpt consolidate "
             f"{info.path} --out DIR` first and pass DIR"
         )
-    state = torch.load(model_path, map_location="cpu", weights_only=False)["state_dict"]
+    verify_checkpoint(info)  # sizes and sha256 of every file: never evaluate corrupt weights
+    model = build_model(recipe.model)
+    try:
+        state = torch.load(model_path, map_location="cpu", weights_only=False)["state_dict"]
+    except Exception as err:  # an older checkpoint (no checksums) with damaged content
+        raise UserError(f"{model_path}: unreadable checkpoint ({type(err).__name__}: {str(err)[:200]})") from None
     weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     model.load_state_dict(weights)
     tokenizer = Path(info.meta.get("data_dir", recipe.data.out_dir)) / TOKENIZER_FILE

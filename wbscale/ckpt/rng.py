@@ -36,7 +36,7 @@ from wbscale.ckpt.format import META_FILE, RNG_DIR
 def rng_state() -> dict[str, Any]:
     """Python, numpy, torch (and every CUDA device's) RNG state of this process."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 

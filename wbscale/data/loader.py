@@ -10,6 +10,7 @@ same global sequence of samples among the ranks.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from wbscale.data.manifest import load_manifest
+from wbscale.data.manifest import MANIFEST_FILE, load_manifest
 from wbscale.data.shards import SPLITS, map_shard
 from wbscale.errors import UserError
 
@@ -313,8 +314,16 @@ def unigram_entropy(data_dir: str | Path, split: str = "train") -> float:
     """Entropy of the split's token frequencies, in nats per token.
 
     The loss of the best model that ignores context: a trained LM's val loss should sit
-    well below it.
+    well below it. Cached per process while the data folder's manifest is unchanged (a
+    run's plots and its summary both ask).
     """
+    manifest = Path(data_dir) / MANIFEST_FILE
+    stamp = manifest.stat().st_mtime_ns if manifest.is_file() else 0
+    return _unigram_entropy(str(Path(data_dir).resolve()), split, stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _unigram_entropy(data_dir: str, split: str, stamp: int) -> float:
     shards = TokenShards(data_dir, split)
     counts = np.zeros(shards.vocab_size, dtype=np.int64)
     chunk = 1 << 24

@@ -96,6 +96,11 @@ def _plot(a: dict[str, Any], b: dict[str, Any], label_a: str, label_b: str, path
         ax.set_title(title, fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes[:2]:  # layers are integers; percentages and entropies are never negative
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylim(bottom=0)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

@@ -8,6 +8,12 @@ with the LM head tied to the token embedding. Blocks take ``(x, record=None)``; 
 ``record`` is a dict they write their white-box tensors into it (see ``white_box_forward``).
 Blocks also say which of their parameters play which role (``roles``, a :class:`LayerRoles`),
 so tools such as BIMT read that instead of branching on the architecture.
+
+``generate`` decodes with a cache (``cache``, one :class:`LayerCache` per block): each block's
+attention appends what it keeps of the new tokens and attends over all of them. GPT-2 keeps
+keys and values, two tensors per layer; CRATE's MSSA has q = k = v = X U_k, so it keeps ONE
+tensor per layer (the head projections), half the memory. The cached path gives the same
+tokens as recomputing the whole context at every step (``use_cache=False``).
 """
 
 from __future__ import annotations
@@ -62,6 +68,73 @@ class LayerRoles:
     hidden_out: LinearMap | None
     hidden_units: int
     hidden_is_residual: bool = False
+
+
+class LayerCache:
+    """One layer's attention state for incremental decoding: its tensors for every token so far.
+
+    The attention decides what it keeps: GPT-2 ``(k, v)``; CRATE's MSSA ``(w,)`` only, since
+    its query, key and value are the same head projections W_k = X U_k.
+    """
+
+    def __init__(self) -> None:
+        self.tensors: tuple[Tensor, ...] = ()
+
+    def __len__(self) -> int:
+        """Number of cached positions."""
+        return self.tensors[0].size(-2) if self.tensors else 0
+
+    def extend(self, *new: Tensor) -> tuple[Tensor, ...]:
+        """Append the new tokens' tensors (B, H, t, p) along time; return the full ones (B, H, T, p)."""
+        if self.tensors:
+            new = tuple(torch.cat((old, n), dim=-2) for old, n in zip(self.tensors, new, strict=True))
+        self.tensors = new
+        return new
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor:
+    """softmax(q k^T / sqrt(p) + causal mask) v per head; the t queries are the LAST t of the
+    s positions of k and v (with a cache, the first s - t are earlier tokens)."""
+    t, s = q.size(-2), k.size(-2)
+    if t == s:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+    mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+def check_sampling(
+    max_new_tokens: int, temperature: float, top_k: int | None, top_p: float, min_new_tokens: int = 0
+) -> None:
+    """UserError (one line, naming the CLI flag) for sampling options ``generate`` refuses."""
+    if max_new_tokens < min_new_tokens:
+        raise UserError(f"--max-new-tokens must be >= {min_new_tokens}, got {max_new_tokens}")
+    if temperature < 0:
+        raise UserError(f"--temperature must be >= 0 (0: greedy), got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise UserError(f"--top-k must be >= 0 (0: no top-k filtering), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1] (1: no nucleus filtering), got {top_p}")
+
+
+def sample_next(
+    logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Next token ids (B, 1) from last-position logits (B, V): greedy at ``temperature`` 0, else
+    sampled from softmax(logits / temperature) restricted to the ``top_k`` most likely tokens
+    (None or 0: all) and then to the nucleus: the fewest tokens whose probability reaches ``top_p``."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    if top_p < 1.0:
+        probs, order = F.softmax(logits, dim=-1).sort(dim=-1, descending=True)
+        outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before it already reaches p
+        logits = logits.masked_fill(torch.zeros_like(outside).scatter(-1, order, outside), -float("inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
 class LanguageModel(nn.Module):
@@ -147,16 +220,30 @@ class LanguageModel(nn.Module):
     def block_size(self) -> int:
         return self.config.block_size
 
-    def hidden_states(self, idx: Tensor, records: list[dict[str, Tensor]] | None = None) -> Tensor:
-        """The residual stream after ``ln_f``, (B, T, d); blocks fill ``records[i]`` if given."""
+    def hidden_states(
+        self, idx: Tensor, records: list[dict[str, Tensor]] | None = None, cache: list[LayerCache] | None = None
+    ) -> Tensor:
+        """The residual stream after ``ln_f``, (B, T, d); blocks fill ``records[i]`` if given.
+
+        With ``cache`` (``new_cache()``), ``idx`` are the tokens after the cached ones: they sit
+        at positions ``len(cache[0])`` onwards and block i's attention extends ``cache[i]``.
+        """
         _, t = idx.shape
-        if t > self.config.block_size:
-            raise ValueError(f"sequence of length {t} exceeds block_size {self.config.block_size}")
-        pos = torch.arange(t, dtype=torch.long, device=idx.device)
+        past = 0 if cache is None else len(cache[0])
+        if past + t > self.config.block_size:
+            raise ValueError(f"sequence of length {past + t} exceeds block_size {self.config.block_size}")
+        pos = torch.arange(past, past + t, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for i, block in enumerate(self.transformer.h):
-            x = block(x, None if records is None else records[i])
+            if cache is None:
+                x = block(x, None if records is None else records[i])
+            else:
+                x = block(x, None if records is None else records[i], cache[i])
         return self.transformer.ln_f(x)
+
+    def new_cache(self) -> list[LayerCache]:
+        """An empty decoding cache, one :class:`LayerCache` per block (see ``hidden_states``)."""
+        return [LayerCache() for _ in self.transformer.h]
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Logits (B, T, vocab) for every position, and the mean loss when ``targets`` is given."""
@@ -194,27 +281,37 @@ class LanguageModel(nn.Module):
         top_k: int | None = None,
         eos_id: int | None = None,
         generator: torch.Generator | None = None,
+        top_p: float = 1.0,
+        use_cache: bool = True,
     ) -> Tensor:
-        """Append up to ``max_new_tokens`` sampled tokens to ``idx`` (B, T); returns (B, T + n).
+        """Append up to ``max_new_tokens`` tokens to ``idx`` (B, T); returns (B, T + n).
 
-        The context is cropped to the last ``block_size`` tokens. ``temperature <= 0`` is
-        greedy. With ``eos_id``, a row that produced it is padded with ``eos_id`` and
-        sampling stops early once every row has. Call it in eval mode (dropout).
+        Sampling is :func:`sample_next` (``temperature`` 0: greedy; ``top_k`` None or 0: no
+        top-k; ``top_p`` 1: no nucleus). With ``eos_id``, a row that produced it is padded
+        with ``eos_id`` and decoding stops early once every row has. The context is the last
+        ``block_size`` tokens. ``use_cache`` feeds one new token per step through the blocks'
+        attention caches while the sequence fits in ``block_size``; past it every position
+        would move (learned absolute positions), so each step recomputes the cropped window,
+        as ``use_cache=False`` does at every step: both give the same tokens. Call it in eval
+        mode (dropout).
         """
+        check_sampling(max_new_tokens, temperature, top_k, top_p)
+        block_size = self.config.block_size
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        cache = None
         for _ in range(max_new_tokens):
-            context = idx[:, -self.config.block_size :]
-            # Only the last position is needed: skip the LM head on the others.
-            logits = self.lm_head(self.hidden_states(context)[:, -1, :]).float()
-            if temperature <= 0:
-                next_id = logits.argmax(dim=-1, keepdim=True)
+            if use_cache and idx.size(1) <= block_size:
+                if cache is None:
+                    cache, fed = self.new_cache(), idx  # the prompt, once
+                else:
+                    fed = idx[:, -1:]  # then only the newest token
+                hidden = self.hidden_states(fed, cache=cache)
             else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, -float("inf"))
-                probs = F.softmax(logits, dim=-1)
-                next_id = torch.multinomial(probs, num_samples=1, generator=generator)
+                cache = None
+                hidden = self.hidden_states(idx[:, -block_size:])
+            # Only the last position is needed: skip the LM head on the others.
+            logits = self.lm_head(hidden[:, -1, :]).float()
+            next_id = sample_next(logits, temperature, top_k, top_p, generator)
             if eos_id is not None:
                 next_id = next_id.masked_fill(done[:, None], eos_id)
                 done = done | (next_id[:, 0] == eos_id)

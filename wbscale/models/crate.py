@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from wbscale.config import ModelConfig
 from wbscale.kernels import ista
-from wbscale.models.base import LanguageModel, LayerRoles, LinearMap
+from wbscale.models.base import LanguageModel, LayerCache, LayerRoles, LinearMap, causal_attention
 
 
 class MSSA(nn.Module):
@@ -35,15 +34,19 @@ class MSSA(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Returns the block output (B, T, d) and the head projections W_k (B, K, T, d/K)."""
+    def forward(self, x: Tensor, cache: LayerCache | None = None) -> tuple[Tensor, Tensor]:
+        """Returns the block output (B, T, d) and the head projections W_k (B, K, T, d/K).
+
+        With ``cache`` (decoding), ``x`` holds only the new tokens and the earlier tokens' W_k
+        come from the cache. Since q = k = v = W_k, that is ONE tensor per layer, where
+        GPT-2's attention caches two (keys and values).
+        """
         b, t, d = x.shape
         w = self.c_attn(x).view(b, t, self.n_head, d // self.n_head).transpose(1, 2)
+        (w_all,) = (w,) if cache is None else cache.extend(w)  # W_k of every token so far
         # softmax_causal(W_k W_k^T / sqrt(p)) W_k: the gradient step on the coding rate of
         # the tokens in subspace k (Yu et al. 2023, eq. 9), with the key as query and value.
-        y = F.scaled_dot_product_attention(
-            w, w, w, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-        )
+        y = causal_attention(w, w_all, w_all, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(b, t, d)
         return self.resid_dropout(self.c_proj(y)), w
 
@@ -94,9 +97,11 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.ista = ISTA(config)
 
-    def forward(self, x: Tensor, record: dict[str, Tensor] | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, record: dict[str, Tensor] | None = None, cache: LayerCache | None = None
+    ) -> Tensor:
         h = self.ln_1(x)
-        a, w = self.attn(h)
+        a, w = self.attn(h, cache)
         x = x + a
         if record is None:
             return self.ista(self.ln_2(x))

@@ -18,7 +18,15 @@ from torch import Tensor
 
 from wbscale.config import ModelConfig
 from wbscale.errors import UserError
-from wbscale.models.base import LanguageModel, LayerRoles, LinearMap, crop_positions, load_checked
+from wbscale.models.base import (
+    LanguageModel,
+    LayerCache,
+    LayerRoles,
+    LinearMap,
+    causal_attention,
+    crop_positions,
+    load_checked,
+)
 
 
 class CausalSelfAttention(nn.Module):
@@ -32,16 +40,19 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Returns the block output (B, T, d) and the keys per head (B, H, T, d/H)."""
+    def forward(self, x: Tensor, cache: LayerCache | None = None) -> tuple[Tensor, Tensor]:
+        """Returns the block output (B, T, d) and the keys per head (B, H, T, d/H).
+
+        With ``cache`` (decoding), ``x`` holds only the new tokens; the earlier tokens' keys
+        and values (two tensors per layer) come from the cache.
+        """
         b, t, d = x.shape
         q, k, v = (
             z.view(b, t, self.n_head, d // self.n_head).transpose(1, 2)
             for z in self.c_attn(x).split(d, dim=2)
         )
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-        )
+        k_all, v_all = (k, v) if cache is None else cache.extend(k, v)
+        y = causal_attention(q, k_all, v_all, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(b, t, d)
         return self.resid_dropout(self.c_proj(y)), k
 
@@ -71,9 +82,11 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, record: dict[str, Tensor] | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, record: dict[str, Tensor] | None = None, cache: LayerCache | None = None
+    ) -> Tensor:
         h = self.ln_1(x)
-        a, k = self.attn(h)
+        a, k = self.attn(h, cache)
         x = x + a
         m, hidden = self.mlp(self.ln_2(x))
         if record is not None:

@@ -1,28 +1,34 @@
-"""Preemption and time limits: checkpoint at a step boundary, requeue, exit.
+"""Signals: checkpoint at a step boundary, then requeue or exit (in and outside SLURM).
 
-SLURM warns a job before it ends it: ``sbatch --signal=USR1@90`` sends SIGUSR1 90 s before
-the time limit, and a cancel or a preemption sends SIGTERM (SIGKILL follows after KillWait
-or GraceTime). The handlers here only set a flag: nothing is safe inside a signal handler
-in the middle of a step (Lightning's own handlers save, or run a collective, right there).
-At every optimizer-step boundary every rank takes part in one all-reduce (MAX) of the flag,
-because a signal can reach the ranks a step apart; so all ranks stop at the same step. They
-save a checkpoint there with :class:`~wbscale.ckpt.writer.AtomicCheckpoint`, let the
-step finish as it would anyway (its metrics logged, validation on a validation step), and
-before the next step starts close the loggers (wandb included: SLURM signals every process
-of the job, wandb's service too) and:
+A signal must never throw away the work since the last checkpoint. The handlers here only
+set a flag: nothing is safe inside a signal handler in the middle of a step (Lightning's
+own handlers save, or run a collective, right there). At every optimizer-step boundary
+every rank takes part in one all-reduce (MAX) of the flag, because a signal can reach the
+ranks a step apart; so all ranks stop at the same step. They save a checkpoint there with
+:class:`~wbscale.ckpt.writer.AtomicCheckpoint`, let the step finish as it would anyway
+(its metrics logged, validation on a validation step), publish the checkpoint, close the
+loggers (wandb included) before the next step starts, print one line, and exit:
 
-- the requeue signal (``slurm.signal``, USR1 by default): rank 0 runs
-  ``scontrol requeue <job>`` (``<array job>_<task>`` in an array) and every rank exits 0.
-  The requeued job runs ``wbscale fit --resume auto``: the same checkpoint, the same wandb
-  run id, the next sample of the data stream.
-- SIGTERM when it is not the requeue signal: the job is being cancelled or preempted; exit
-  143 after the checkpoint (SLURM requeues a preempted ``--requeue`` job by itself).
-- no ``scontrol`` on PATH (containers), a failed requeue, ``slurm.requeue: false``, or not a
-  SLURM job: a warning, exit 75 (EX_TEMPFAIL), so SLURM's ``--requeue`` can act; a cluster
-  with ``RequeueExit=75`` requeues it, anywhere else resubmitting resumes the run.
+- **SIGTERM** (``kill``, a cancel, a preemption, ``docker stop``): exit 143 (128 + 15).
+- **SIGINT** (Ctrl-C): exit 130 (128 + 2). A second Ctrl-C stops at once, without saving
+  (the previous checkpoint stays intact).
+- **the requeue signal** (``slurm.signal``, USR1 by default; ``sbatch --signal=USR1@90``
+  sends it 90 s before the time limit): inside a SLURM job rank 0 runs ``scontrol requeue
+  <job>`` (``<array job>_<task>`` in an array) and every rank exits 0; the requeued job
+  runs ``wbscale fit --resume auto``: the same checkpoint, the same wandb run id, the next
+  sample of the data stream. No ``scontrol`` on PATH (containers), a failed requeue,
+  ``slurm.requeue: false``, or not a SLURM job (USR1 sent by hand): a warning, exit 75
+  (EX_TEMPFAIL: "resume me"), so SLURM's ``--requeue`` can act; a cluster with
+  ``RequeueExit=75`` requeues it, anywhere else ``--resume auto`` continues the run.
+  ``slurm.preemption: off`` leaves the requeue signal alone (SIGTERM and SIGINT are
+  always handled).
 
-Lightning's own SLURM requeue is switched off (:func:`cluster_plugins`) so the two never
-both save and requeue.
+Inside a SLURM job SIGTERM reaches every process of the job step, wandb's service too, so
+wandb logging stops at SIGTERM there (metrics.jsonl keeps every step).
+
+A signal after the last step is not swallowed (the run is complete and saved). Lightning's
+own SLURM requeue is switched off (:func:`cluster_plugins`) so the two never both save
+and requeue.
 """
 
 from __future__ import annotations
@@ -44,10 +50,13 @@ import torch
 from wbscale.ranks import say_always
 from wbscale.slurm.record import append_event, job_id_from_env
 
-NONE, REQUEUE, STOP = 0, 1, 2  # ordered: when ranks disagree the larger wins
+# Requests, ordered: when ranks disagree the larger wins (a stop beats a requeue).
+NONE, REQUEUE, INTERRUPT, STOP = 0, 1, 2, 3
+STOP_SIGNALS = {signal.SIGINT: INTERRUPT, signal.SIGTERM: STOP}
 EXIT_REQUEUED = 0
 EXIT_NOT_REQUEUED = 75  # EX_TEMPFAIL: "try again later"; SLURM's RequeueExit can name it
-EXIT_TERMINATED = 128 + signal.SIGTERM
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130
 SIGNALS = {"USR1": signal.SIGUSR1, "TERM": signal.SIGTERM}
 SCONTROL_TIMEOUT = 60.0
 
@@ -71,17 +80,23 @@ def cluster_plugins() -> list[Any]:
 
 
 class SlurmPreemption(L.Callback):
-    """On the requeue signal or SIGTERM: checkpoint at the next step, requeue, exit.
+    """On SIGTERM, SIGINT or the requeue signal: checkpoint at the next step, requeue or exit.
 
-    ``run_dir`` is the run being trained; events go to ``record_dir`` (the submitted run's
-    folder, ``$WBSCALE_SLURM_RUN_DIR`` in a job; for an array task it is the array's).
-    Must come after :class:`AtomicCheckpoint` in the callback list.
+    Installed in every ``wbscale fit`` (in SLURM or not: see the module doc).
+    ``run_dir`` is the run being trained; in a SLURM job events go to ``record_dir`` (the
+    submitted run's folder, ``$WBSCALE_SLURM_RUN_DIR`` in a job; for an array task it is
+    the array's). ``requeue_signal=False`` (``slurm.preemption: off``) leaves the requeue
+    signal alone. Must come after :class:`AtomicCheckpoint` in the callback list.
     """
 
-    def __init__(self, run_dir: Path, signal_name: str = "USR1", requeue: bool = True, record_dir: Path | None = None):
+    def __init__(
+        self, run_dir: Path, signal_name: str = "USR1", requeue: bool = True, record_dir: Path | None = None,
+        requeue_signal: bool = True,
+    ):
         self.run_dir = Path(run_dir)
         self.record_dir = Path(record_dir or os.environ.get("WBSCALE_SLURM_RUN_DIR") or run_dir)
         self.requeue_signal = SIGNALS[signal_name]
+        self.handle_requeue_signal = requeue_signal
         self.requeue = requeue
         self._request = NONE
         self._received: list[str] = []
@@ -97,22 +112,44 @@ class SlurmPreemption(L.Callback):
 
     # ------------------------------------------------------------------ signal handling
 
+    def _signals(self) -> list[int]:
+        extra = [self.requeue_signal] if self.handle_requeue_signal else []
+        return list(dict.fromkeys([*extra, signal.SIGTERM, signal.SIGINT]))
+
     def _handle(self, signum: int, frame: Any) -> None:
         if self._phase == "armed":
+            if signum == signal.SIGINT and signal.SIGINT in self._signums:
+                self._abort()  # a second Ctrl-C: stop now, without saving
             self._received.append(signal.Signals(signum).name)
             self._signums.add(signum)
-            self._request = max(self._request, REQUEUE if signum == self.requeue_signal else STOP)
-            if signum == signal.SIGTERM:
+            request = REQUEUE if signum == self.requeue_signal else STOP_SIGNALS.get(signum, STOP)
+            self._request = max(self._request, request)
+            if signum == signal.SIGTERM and in_slurm_job():
                 self._detach_wandb()
+            elif signum == signal.SIGINT:
+                say_always(
+                    f"SIGINT received: saving a checkpoint at the end of step {self._step_hint()}, then exiting "
+                    "(press Ctrl-C again to stop at once without saving)"
+                )
             return
         if self._phase == "leaving":
             return  # the checkpoint is saved and the process exits; SIGKILL follows if it hangs
-        if self._phase == "done" and signum != signal.SIGTERM:
+        if self._phase == "done" and signum not in (signal.SIGTERM, signal.SIGINT):
             return  # a time-limit warning after the last step: the run is complete
         # SIGTERM after the loop, or any signal outside fit: never swallowed, acted on as before
         previous = self._previous.get(signum, signal.SIG_DFL)
         signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
         os.kill(os.getpid(), signum)
+
+    def _step_hint(self) -> str:
+        trainer = self._trainer
+        return str(trainer.global_step + 1) if trainer is not None else "the current step"
+
+    def _abort(self) -> None:
+        say_always("second SIGINT: stopping now without a checkpoint; the last saved checkpoint is intact")
+        self._phase = "idle"
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        raise KeyboardInterrupt
 
     def _detach_wandb(self) -> None:
         """Stop logging to wandb: SLURM's SIGTERM reaches every process of the job step,
@@ -146,10 +183,11 @@ class SlurmPreemption(L.Callback):
             try:
                 return log_metrics(*args, **kwargs)
             except Exception:
-                if signal.SIGTERM not in self._signums:
+                stops = {signal.SIGTERM, signal.SIGINT}
+                if not stops & self._signums:
                     time.sleep(0.5)  # a pending SIGTERM's handler runs here
-                if signal.SIGTERM not in self._signums:
-                    raise  # not SIGTERM's doing: a real error
+                if not stops & self._signums:
+                    raise  # not a signal's doing: a real error
                 self._detach_wandb()
                 return None
 
@@ -158,7 +196,7 @@ class SlurmPreemption(L.Callback):
     def _install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread
-        for signum in (self.requeue_signal, signal.SIGTERM):
+        for signum in self._signals():
             current = signal.getsignal(signum)
             if signum not in self._previous and current != self._handle:
                 self._previous[signum] = current
@@ -238,26 +276,35 @@ class SlurmPreemption(L.Callback):
         flag = torch.tensor([self._request], dtype=torch.int32, device=trainer.strategy.root_device)
         return int(trainer.strategy.reduce(flag, reduce_op="max").item())
 
-    def _save(self, trainer: L.Trainer) -> Path:
-        """A checkpoint of this step through AtomicCheckpoint (unless it has just saved one)."""
-        from wbscale.ckpt.format import checkpoints_dir, step_dir_name
+    @staticmethod
+    def _saver(trainer: L.Trainer) -> Any:
         from wbscale.ckpt.writer import AtomicCheckpoint
 
         saver = next((c for c in trainer.callbacks if isinstance(c, AtomicCheckpoint)), None)
         if saver is None:
             raise RuntimeError("SlurmPreemption needs an AtomicCheckpoint callback before it")
+        return saver
+
+    def _save(self, trainer: L.Trainer) -> Path:
+        """Write a checkpoint of this step through AtomicCheckpoint (unless it has just
+        written one); :meth:`_leave` publishes it once the step's metrics are logged."""
+        from wbscale.ckpt.format import checkpoints_dir, step_dir_name
+
+        saver = self._saver(trainer)
         step = trainer.global_step
         if saver.last_saved_step == step:
             return checkpoints_dir(saver.run_dir) / step_dir_name(step)
-        return saver.save(trainer)
+        return saver.write(trainer)
 
     def _leave(self, trainer: L.Trainer) -> None:
-        """Close the loggers, requeue (rank 0), and exit every rank with rank 0's status."""
+        """Publish the checkpoint, close the loggers, requeue (rank 0), and exit every rank
+        with rank 0's status."""
         from wbscale.track.wandb_run import finish_wandb
 
         self._phase = "leaving"
         request, path = self._pending
         step = trainer.global_step
+        self._saver(trainer).publish(trainer)  # first: SIGKILL may follow soon
         for logger in trainer.loggers:
             logger.save()
             finish_wandb(logger)  # before the requeue: SLURM then signals every process, wandb's too
@@ -267,20 +314,25 @@ class SlurmPreemption(L.Callback):
             except Exception:  # noqa: BLE001 - the service already died of SIGTERM: nothing to flush
                 pass
         signame = "/".join(dict.fromkeys(self._received)) or "a signal on another rank"
-        code = EXIT_TERMINATED
+        code = EXIT_INTERRUPTED if request == INTERRUPT else EXIT_TERMINATED
         if trainer.is_global_zero:
+            job = job_id_from_env()
             if request == REQUEUE:
                 code, outcome, detail = self._requeue()
-            else:
+            elif job is not None and request == STOP:
                 outcome = "stopped"
                 detail = "SIGTERM: the job is being cancelled or preempted, so not requeuing (SLURM requeues a preempted --requeue job)"
+            else:
+                outcome = "stopped"
+                detail = "continue with `wbscale fit ... --resume auto`"
             say_always(f"{signame} received: checkpoint saved at step {step} ({path}); {detail}; exiting with status {code}")
             if self._wandb_detached:
                 say_always("wandb stopped logging at SIGTERM (SLURM stops wandb's service with the job); metrics.jsonl has every step")
-            append_event(
-                self.record_dir, "preempt", job_id=job_id_from_env(), step=step, signal=signame, action=outcome,
-                exit_code=code, trained_run=str(self.run_dir),
-            )
+            if job is not None:
+                append_event(
+                    self.record_dir, "preempt", job_id=job, step=step, signal=signame, action=outcome,
+                    exit_code=code, trained_run=str(self.run_dir),
+                )
         code = int(trainer.strategy.broadcast(code, src=0))
         raise SystemExit(code)
 

@@ -204,9 +204,13 @@ class Plots(Callback):
     logged as wandb images (key ``plots/<name>``) when a WandbLogger is present.
     """
 
-    def __init__(self, run_dir: str | os.PathLike[str], metrics_path: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self, run_dir: str | os.PathLike[str], metrics_path: str | os.PathLike[str] | None = None,
+        data_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.metrics_path = Path(metrics_path) if metrics_path is not None else self.run_dir / "metrics.jsonl"
+        self.data_dir = Path(data_dir) if data_dir is not None else None  # for the unigram-entropy line
         self.paths: list[Path] = []
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -214,7 +218,12 @@ class Plots(Callback):
             return
         for logger in trainer.loggers:
             logger.save()  # flush metrics.jsonl before reading it
-        self.paths = plot_run(self.run_dir, self.metrics_path)
+        entropy = None
+        if self.data_dir is not None:
+            from wbscale.data.loader import unigram_entropy
+
+            entropy = unigram_entropy(self.data_dir, "train")
+        self.paths = plot_run(self.run_dir, self.metrics_path, unigram_entropy=entropy)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 for path in self.paths:

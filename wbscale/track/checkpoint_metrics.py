@@ -30,13 +30,24 @@ def checkpoint_metrics(
         raise UserError(f"{data}: no prepared data here; pass --data DIR (a folder written by `wbscale data prepare`)")
     x, _ = val_batches(data, recipe.model.block_size, batch_size, 1)[0]
     metrics = whitebox_metrics(model, x.to(device))
-    result = {"ckpt": str(ckpt), "data": str(data), "arch": recipe.model.arch, "metrics": metrics}
+    step = _trained_steps(ckpt)
+    result = {"ckpt": str(ckpt), "data": str(data), "arch": recipe.model.arch, "step": step, "metrics": metrics}
     # Next to the checkpoint, never inside it: a checkpoint folder stays as training wrote it.
     ckpt_path = Path(ckpt).resolve()
     out = Path(out_dir) if out_dir is not None else ckpt_path.with_name(ckpt_path.name + "-whitebox")
     atomic_write_json(out / "whitebox.json", result)
-    result["plots"] = [str(p) for p in plot_whitebox([{"step": 0, **metrics}], out)]
+    result["plots"] = [str(p) for p in plot_whitebox([{"step": step or 0, **metrics}], out)]
     return result
+
+
+def _trained_steps(ckpt: str | Path) -> int | None:
+    """The optimizer step a training checkpoint was saved at; None for an export folder."""
+    from wbscale.ckpt.format import read_checkpoint
+
+    try:
+        return read_checkpoint(Path(ckpt)).step
+    except UserError:  # an export / inference folder: it has no step
+        return None
 
 
 __all__ = ["checkpoint_metrics"]

@@ -5,11 +5,14 @@ line, flushed as it is written, so ``tail -f`` and :func:`read_metrics` see a li
 Non-finite floats are written as JSON's ``NaN`` / ``Infinity`` extensions (Python's
 ``json``, pandas and :func:`read_metrics` read them back).
 
-Resume safety: a resumed or requeued run continues from its checkpoint at step s, but the
+Exactly once: a resumed or requeued run continues from its checkpoint at step s, but the
 process that died may have logged past s. ``JSONLLogger(path, resume_step=s)`` drops the
-lines with step > s (rewriting the file atomically) so the file never holds duplicate or
-rewound steps; as a safety net the first line written by a process also drops any older
-line with a larger step.
+lines with step > s (rewriting the file atomically), and the resumed process writes no row
+at a step <= s: the checkpoint writer publishes a checkpoint only after :meth:`JSONLLogger.sync`
+made every row of its step durable (:mod:`wbscale.ckpt.writer`), so those rows are in the
+file already (a callback that re-logs step s after a resume, e.g. on the first micro-batch
+of step s+1, would duplicate them). As a safety net the first line written by a process
+also drops any older line with a larger step.
 """
 
 from __future__ import annotations
@@ -28,8 +31,6 @@ from wbscale.io import atomic_write_text
 from wbscale.ranks import launch_rank
 
 METRICS_FILE = "metrics.jsonl"
-
-
 
 
 def _read_lines(path: Path) -> list[dict[str, Any]]:
@@ -123,6 +124,7 @@ class JSONLLogger(Logger):
         self._rank = launch_rank() if rank is None else rank
         self._fh: IO[str] | None = None
         self._first_write = True
+        self._resume_step = resume_step
         if self._rank == 0:
             if resume_step is None:
                 if path.exists():
@@ -167,6 +169,8 @@ class JSONLLogger(Logger):
                 row[key] = v
         if len(row) <= ("step" in row):
             return
+        if self._resume_step is not None and step is not None and int(step) <= self._resume_step:
+            return  # already in the file, written before the checkpoint was published
         if self._first_write and step is not None:
             # safety net: whatever the caller passed as resume_step, never write a step
             # below one already in the file
@@ -186,6 +190,13 @@ class JSONLLogger(Logger):
     def save(self) -> None:
         if self._fh is not None and not self._fh.closed:
             self._fh.flush()
+
+    def sync(self) -> None:
+        """Flush and fsync: every row logged so far survives a crash (before a checkpoint
+        of this step is published)."""
+        if self._rank == 0 and self._fh is not None and not self._fh.closed:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
 
     @rank_zero_only
     def finalize(self, status: str) -> None:

@@ -7,6 +7,7 @@ display needed); every PNG is rendered in memory and written atomically.
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 from collections import defaultdict
@@ -45,8 +46,14 @@ def plot_loss_curves(
     out_png: str | os.PathLike[str],
     *,
     log_y: bool = True,
+    title: str = "loss",
+    unigram_entropy: float | None = None,
 ) -> Path:
-    """Train and validation loss vs step into ``out_png``; returns its path."""
+    """Train and validation loss vs step into ``out_png``; returns its path.
+
+    ``unigram_entropy`` (the loss of a model that ignores context) is drawn as a dashed
+    line: a trained model must end clearly below it.
+    """
     rows = _rows(metrics_path)
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot(1, 1, 1)
@@ -57,17 +64,32 @@ def plot_loss_curves(
             ax.plot(steps, values, label=key, **style)
             plotted = True
     if plotted:
+        if unigram_entropy is not None:
+            ax.axhline(unigram_entropy, color="gray", ls="--", lw=1.0,
+                       label=f"unigram entropy {unigram_entropy:.2f} (no context)")
         positive = all(v > 0 for r in rows for k, v in r.items() if k in ("train/loss", "val/loss") and isinstance(v, (int, float)))
         if log_y and positive:
             ax.set_yscale("log")
+            _plain_log_ticks(ax.yaxis)
         ax.legend()
     else:
         ax.text(0.5, 0.5, "no loss logged yet", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("step")
+    ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats/token)")
-    ax.set_title("loss")
+    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     return _save(fig, Path(out_png))
+
+
+def _plain_log_ticks(axis: Any) -> None:
+    """Label a log axis with plain numbers (1.5, 2, 3, …) instead of 10^x powers."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    fmt = FuncFormatter(lambda v, _: f"{v:.3g}")
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_minor_locator(LogLocator(base=10, subs=(1.5, 3.0, 4.0, 7.0)))
+    axis.set_major_formatter(fmt)
+    axis.set_minor_formatter(fmt)
 
 
 def whitebox_table(rows: list[dict[str, Any]]) -> dict[str, dict[int, dict[int, float]]]:
@@ -141,9 +163,23 @@ def _viridis() -> Any:
     return colormaps["viridis"]
 
 
-def plot_run(run_dir: str | os.PathLike[str], metrics_path: str | os.PathLike[str] | None = None) -> list[Path]:
-    """All plots of a run under ``<run_dir>/plots/``; returns the written paths."""
+def plot_run(
+    run_dir: str | os.PathLike[str],
+    metrics_path: str | os.PathLike[str] | None = None,
+    unigram_entropy: float | None = None,
+) -> list[Path]:
+    """All plots of a run under ``<run_dir>/plots/``; returns the written paths.
+
+    The unigram entropy line comes from ``unigram_entropy`` or the run's ``summary.json``.
+    """
     run_dir = Path(run_dir)
     rows = read_metrics(metrics_path if metrics_path is not None else run_dir)
     out = run_dir / "plots"
-    return [plot_loss_curves(rows, out / "loss_curve.png"), *plot_whitebox(rows, out)]
+    if unigram_entropy is None and (run_dir / "summary.json").is_file():
+        try:
+            unigram_entropy = json.loads((run_dir / "summary.json").read_text()).get("unigram_entropy")
+        except (OSError, json.JSONDecodeError):
+            unigram_entropy = None
+    loss = plot_loss_curves(rows, out / "loss_curve.png", title=f"{run_dir.name}: loss",
+                            unigram_entropy=unigram_entropy)
+    return [loss, *plot_whitebox(rows, out)]

@@ -2,7 +2,9 @@
 
 The sampler is keyed on a global sample index, so the only state a checkpoint needs is
 how many samples the run has consumed; resume (also at another world size) continues
-with exactly the next sample of the global stream.
+with exactly the next sample of the global stream. The loaders draw their (unused, with no
+worker processes) base seed from a generator of their own, never from the global torch RNG
+that dropout uses.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
 from wbscale.config import Recipe
@@ -48,14 +51,19 @@ class TokenDataModule(L.LightningDataModule):
             rank=self.trainer.global_rank,
             world_size=self.trainer.world_size,
         )
-        return DataLoader(stream, batch_size=None, num_workers=0)
+        return DataLoader(stream, batch_size=None, num_workers=0, generator=self._generator())
 
     def val_dataloader(self) -> DataLoader:
         # Every rank evaluates the same batches: the val loss is then identical to a
         # single-process run's, whatever the world size.
         t = self.recipe.train
         batches = val_batches(self.data_dir, self.recipe.model.block_size, t.micro_batch_size, t.val_batches)
-        return DataLoader(batches, batch_size=None, num_workers=0)
+        return DataLoader(batches, batch_size=None, num_workers=0, generator=self._generator())
+
+    def _generator(self) -> torch.Generator:
+        # Creating a loader's iterator draws a base seed; from the global RNG by default,
+        # which would shift the dropout stream by one draw per validation run.
+        return torch.Generator().manual_seed(self.recipe.data.seed)
 
     def state_dict(self) -> dict[str, Any]:
         return {"samples": self.samples_consumed(), "step": self.trainer.global_step, "seed": self.recipe.data.seed}

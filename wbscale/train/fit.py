@@ -9,9 +9,14 @@ wires loggers and callbacks, and writes the run folder::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
+import pickle
+import re
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +29,11 @@ from wbscale.ckpt.format import (
     CheckpointInfo,
     latest_checkpoint,
     latest_intact_checkpoint,
+    mark_verified_for_children,
     read_checkpoint,
     verify_checkpoint,
 )
+from wbscale.ckpt.rng import StepRNG
 from wbscale.ckpt.writer import AtomicCheckpoint
 from wbscale.config import Recipe, recipe_from_dict, save_recipe
 from wbscale.data.manifest import MANIFEST_FILE, load_manifest
@@ -37,6 +44,7 @@ from wbscale.io import atomic_write_json
 from wbscale.ranks import is_rank_zero, say, wait_for_rank_zero
 from wbscale.sizing import padded_vocab
 from wbscale.slurm.preemption import cluster_plugins
+from wbscale.slurm.record import job_id_from_env
 from wbscale.train.datamodule import TokenDataModule
 from wbscale.train.module import LMModule
 from wbscale.train.parallel import parallelize
@@ -79,9 +87,11 @@ def ensure_data(recipe: Recipe, progress: bool = True) -> Path:
 
 
 def resolve_resume(run_dir: Path, resume: str) -> CheckpointInfo | None:
-    """``auto``: newest checkpoint if any; ``never``: refuse a run folder with checkpoints."""
+    """``auto``: newest intact checkpoint if any; ``never``: refuse a run folder with
+    checkpoints; a path: that checkpoint, verified (a damaged one is an error naming the file)."""
     if resume == "auto":
-        # a damaged newest checkpoint (missing/truncated shard) falls back to the one before
+        # a damaged newest checkpoint (missing/truncated/corrupt file, unreadable metadata,
+        # a stale `last`) falls back to the one before, with a warning naming the file
         return latest_intact_checkpoint(run_dir, warn=say)
     if resume == "never":
         existing = latest_checkpoint(run_dir)
@@ -91,9 +101,50 @@ def resolve_resume(run_dir: Path, resume: str) -> CheckpointInfo | None:
                 "pass --resume auto to continue it, or choose another train.run_name"
             )
         return None
+    if not Path(resume).exists():
+        raise UserError(f"--resume {resume}: no such checkpoint (pass auto, never, or a checkpoint folder)")
     info = read_checkpoint(Path(resume))
     verify_checkpoint(info)  # an explicit path: name the damaged file, no silent fallback
     return info
+
+
+RUN_LOCK_FILE = ".fit.lock"
+_INCARNATION = re.compile(r"SLURM job (\S+) restart (\d+)")
+
+
+def _slurm_incarnation() -> tuple[str, int] | None:
+    job = job_id_from_env()
+    if job is None:
+        return None
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "0").strip()
+    return job, int(restarts) if restarts.isdigit() else 0
+
+
+def lock_run(run_dir: Path):
+    """The run folder's writer lock (global rank 0 only): one ``fit`` per run at a time.
+
+    A second writer is refused (UserError, exit 2) naming the holder (pid, host, since
+    when); the lock of a dead holder is taken over (:mod:`wbscale.locks`: pid check on the
+    same host, heartbeat age across SLURM nodes). A requeued SLURM job takes over the lock
+    of its own previous incarnation (same job id, lower restart count) at once.
+    """
+    from wbscale.locks import LockHeld, acquire
+
+    path = Path(run_dir) / RUN_LOCK_FILE
+    mine = _slurm_incarnation()
+    purpose = "wbscale fit" + (f", SLURM job {mine[0]} restart {mine[1]}" if mine else "")
+    try:
+        return acquire(path, purpose)
+    except LockHeld as err:
+        found = _INCARNATION.search(err.holder.purpose or "")
+        if mine is None or found is None or found.group(1) != mine[0] or int(found.group(2)) >= mine[1]:
+            raise UserError(f"run '{Path(run_dir).name}' is being trained by another process: {err}") from None
+        say(
+            f"taking over the run lock of job {mine[0]}'s previous incarnation (restart {found.group(2)}; "
+            f"this is restart {mine[1]}: the job was requeued)"
+        )
+        path.unlink(missing_ok=True)
+        return acquire(path, purpose)
 
 
 def check_compatible(recipe: Recipe, ckpt: CheckpointInfo, tokenizer_sha: str) -> None:
@@ -123,18 +174,13 @@ def check_compatible(recipe: Recipe, ckpt: CheckpointInfo, tokenizer_sha: str) -
 def build_callbacks(recipe: Recipe, run_dir: Path, data_dir: Path, meta: dict[str, Any], progress: bool) -> list[L.Callback]:
     """Checkpointing, SLURM preemption, white-box metrics, samples, plots, progress bar."""
     from wbscale.data.loader import val_batches
-    from wbscale.slurm.preemption import SlurmPreemption, preemption_enabled
+    from wbscale.slurm.preemption import SlurmPreemption
     from wbscale.track.callbacks import Plots, SampleGeneration, WhiteBoxMetrics
     from wbscale.track.step_metrics import StepMetrics
 
     t = recipe.train
-    callbacks: list[L.Callback] = [
-        AtomicCheckpoint(
-            run_dir, every=t.ckpt_every, keep_last=t.keep_last, meta_fn=lambda: meta, exit_interval=t.exit_interval
-        ),
-    ]
-    if preemption_enabled(recipe.slurm.preemption):  # after AtomicCheckpoint: it saves through it
-        callbacks.append(SlurmPreemption(run_dir, signal_name=recipe.slurm.signal, requeue=recipe.slurm.requeue))
+    # First: every step draws its random numbers from (seed, step, rank); resume is exact.
+    callbacks: list[L.Callback] = [StepRNG(t.seed)]
     if recipe.tracking.metrics_every > 0:
         # A fixed held-out batch so metrics are comparable step to step.
         x, _ = val_batches(data_dir, recipe.model.block_size, t.micro_batch_size, 1)[0]
@@ -155,18 +201,33 @@ def build_callbacks(recipe: Recipe, run_dir: Path, data_dir: Path, meta: dict[st
         from wbscale.bimt.callback import bimt_callback
 
         callbacks.append(bimt_callback(recipe, run_dir, data_dir))
-    callbacks.append(Plots(run_dir))
-    if progress:
-        from lightning.pytorch.callbacks import TQDMProgressBar
+    callbacks.append(Plots(run_dir, data_dir=data_dir))
+    if progress:  # a terminal: a bar over optimizer steps (otherwise plain lines: build_loggers)
+        from wbscale.track.progress import StepProgressBar
 
-        callbacks.append(TQDMProgressBar(refresh_rate=max(1, t.log_every)))
+        callbacks.append(StepProgressBar())
     # Elastic resume bookkeeping; then the train/* row, after every callback that changes
     # gradients (BIMT) so the logged norm includes them.
     callbacks += [AccumulationChange(), StepMetrics(t.log_every, t.max_steps)]
+    # Last: the checkpoint of a step is written after every other callback's end-of-step
+    # hook and published once the step's metric rows are on disk (exactly-once metrics).
+    callbacks.append(
+        AtomicCheckpoint(
+            run_dir, every=t.ckpt_every, keep_last=t.keep_last, meta_fn=lambda: meta, exit_interval=t.exit_interval
+        )
+    )
+    # After AtomicCheckpoint, which it saves through: SIGTERM / SIGINT (anywhere) and the
+    # SLURM requeue signal (unless slurm.preemption is off) stop at a step boundary with a checkpoint.
+    callbacks.append(
+        SlurmPreemption(
+            run_dir, signal_name=recipe.slurm.signal, requeue=recipe.slurm.requeue,
+            requeue_signal=recipe.slurm.preemption != "off",
+        )
+    )
     return callbacks
 
 
-def build_loggers(recipe: Recipe, run_dir: Path, ckpt: CheckpointInfo | None) -> list:
+def build_loggers(recipe: Recipe, run_dir: Path, ckpt: CheckpointInfo | None, progress: bool = False) -> list:
     from wbscale.track.jsonl_logger import JSONLLogger
     from wbscale.track.wandb_run import make_wandb_logger
 
@@ -176,6 +237,10 @@ def build_loggers(recipe: Recipe, run_dir: Path, ckpt: CheckpointInfo | None) ->
     wandb_logger = make_wandb_logger(recipe, run_dir, run_id=ckpt.meta.get("wandb_id") if ckpt else None)
     if wandb_logger is not None:
         loggers.append(wandb_logger)
+    if not progress:  # no terminal (SLURM log, nohup, CI): one plain line per logged step
+        from wbscale.track.progress import ProgressLines
+
+        loggers.append(ProgressLines(recipe.train.max_steps))
     return loggers
 
 
@@ -201,7 +266,17 @@ def fit(recipe: Recipe, resume: str = "auto", progress: bool | None = None) -> F
             )
             return FitResult(run_dir, ckpt.step, ckpt.step, already_complete=True)
         say(f"resuming '{recipe.train.run_name}' from step {ckpt.step} ({ckpt.path})")
+        if is_rank_zero():
+            mark_verified_for_children(ckpt)  # the ranks Lightning launches need not hash it again
 
+    # One writer per run folder: global rank 0 holds the lock until fit returns or exits.
+    with lock_run(run_dir) if is_rank_zero() else contextlib.nullcontext():
+        return _fit_locked(recipe, run_dir, data_dir, tokenizer_sha, ckpt, progress)
+
+
+def _fit_locked(
+    recipe: Recipe, run_dir: Path, data_dir: Path, tokenizer_sha: str, ckpt: CheckpointInfo | None, progress: bool
+) -> FitResult:
     if is_rank_zero():
         run_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, run_dir / "recipe.yaml")
@@ -211,7 +286,7 @@ def fit(recipe: Recipe, resume: str = "auto", progress: bool | None = None) -> F
     L.seed_everything(recipe.train.seed, workers=True, verbose=False)
     accelerator = accelerator_for(recipe)
     plan = plan_resume(recipe, ckpt)  # converts a checkpoint of another topology first
-    loggers = build_loggers(recipe, run_dir, ckpt)
+    loggers = build_loggers(recipe, run_dir, ckpt, progress=progress)
     meta = {
         "recipe": recipe.to_dict(),
         "tokenizer_sha256": tokenizer_sha,
@@ -236,16 +311,34 @@ def fit(recipe: Recipe, resume: str = "auto", progress: bool | None = None) -> F
         plugins=cluster_plugins(),  # under srun: SLURM's environment, Lightning's auto-requeue off
     )
     # Our own checkpoints carry RNG states (numpy, python) that weights_only loading refuses.
-    trainer.fit(
-        module, datamodule=TokenDataModule(recipe, data_dir), ckpt_path=plan.ckpt_path, weights_only=False
-    )
+    try:
+        trainer.fit(
+            module, datamodule=TokenDataModule(recipe, data_dir), ckpt_path=plan.ckpt_path, weights_only=False
+        )
+    except Exception as err:
+        # A checkpoint without checksums (older wbscale) whose content is damaged: name it.
+        if ckpt is not None and trainer.global_step == 0 and _is_load_error(err):
+            raise UserError(
+                f"checkpoint {ckpt.path} could not be loaded ({type(err).__name__}: {str(err)[:200]}); "
+                f"resume from an earlier one (--resume {ckpt.path.parent}/step-…) or delete it and use --resume auto"
+            ) from None
+        raise
     if trainer.is_global_zero:
         write_summary(trainer, run_dir, data_dir)
     from wbscale.track.wandb_run import finish_wandb
 
-    for logger in loggers[1:]:  # the wandb logger, when there is one
-        finish_wandb(logger)
+    for logger in loggers:
+        finish_wandb(logger)  # the wandb logger, when there is one; others are left alone
     return FitResult(run_dir, trainer.global_step, ckpt.step if ckpt else None)
+
+
+def _is_load_error(err: BaseException) -> bool:
+    """What torch.load raises on a damaged file (zip directory, pickle stream, truncation)."""
+    if isinstance(err, (UnicodeDecodeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile)):
+        return True
+    return isinstance(err, RuntimeError) and any(
+        s in str(err) for s in ("PytorchStreamReader", "zip archive", "central directory", "invalid header")
+    )
 
 
 def write_summary(trainer: L.Trainer, run_dir: Path, data_dir: Path) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -371,11 +372,14 @@ def build_strategy(recipe: Recipe, accelerator: str, precision: str = "32-true",
                 f"and distributed.nodes={d.nodes}; set distributed.strategy to ddp or deepspeed"
             )
         return "auto"
+    # A hung rank makes the others' next collective fail after this long (default 30 min).
+    timeout = timedelta(seconds=d.timeout_s)
     if d.strategy == "ddp":
         return DDPStrategy(
             process_group_backend="gloo" if accelerator == "cpu" else None,
             # every parameter gets a gradient on every step: no unused-parameter search
             find_unused_parameters=False,
+            timeout=timeout,
         )
     require("deepspeed", "deepspeed", "distributed.strategy: deepspeed")
     if accelerator == "cpu":
@@ -384,4 +388,6 @@ def build_strategy(recipe: Recipe, accelerator: str, precision: str = "32-true",
     config = deepspeed_config(recipe, accelerator, precision)
     import logging
 
-    return WBDeepSpeedStrategy(config=config, load_universal=load_universal, logging_level=logging.WARNING)
+    return WBDeepSpeedStrategy(
+        config=config, load_universal=load_universal, logging_level=logging.WARNING, timeout=timeout
+    )
