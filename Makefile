@@ -52,3 +52,11 @@ slurm-up:
 
 slurm-down:
 	bash slurm/local_cluster.sh down
+
+# `make gpu-check`: the whole GPU proof in one command (<= 8 min; results under bench/results/).
+# On the GPU image wbscale is installed with `pip install --no-deps -e .` and no venv is made,
+# so this target takes the venv's wbscale when there is one and the one on PATH otherwise.
+GPU_CHECK_ARGS ?=
+.PHONY: gpu-check
+gpu-check:
+	$(if $(wildcard $(BIN)/wbscale),$(BIN)/wbscale,wbscale) bench gpu $(GPU_CHECK_ARGS)

@@ -111,8 +111,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from wbscale.ckpt.load import load_for_inference
-    from wbscale.inference import generate_text
+    from wbscale.inference import check_generate_options, generate_text
 
+    check_generate_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.num_samples)
     model, _, tokenizer = load_for_inference(args.ckpt, tokenizer=args.tokenizer, device=_device(args.device))
     if tokenizer is None:
         raise UserError(f"{args.ckpt}: no tokenizer found with this checkpoint; pass --tokenizer PATH/tokenizer.json")
@@ -120,6 +121,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         text = generate_text(
             model, tokenizer, args.prompt, args.max_new_tokens,
             temperature=args.temperature, top_k=args.top_k, seed=args.seed + i,
+            top_p=args.top_p, stop=not args.no_stop, use_cache=not args.no_cache,
         )
         print(text)
         if i + 1 < args.num_samples:
@@ -444,11 +446,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", parents=[device_args], help="sample text from a checkpoint")
     p.add_argument("--ckpt", required=True, help="checkpoint folder, run folder, or export folder")
     p.add_argument("--prompt", default="Once upon a time")
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--max-new-tokens", type=int, default=100, help="at most this many tokens (>= 1)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy (argmax)")
+    p.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens (0: all)")
+    p.add_argument(
+        "--top-p", type=float, default=1.0,
+        help="nucleus sampling: among the fewest tokens whose probability reaches p (1: off)",
+    )
+    p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-text token")
+    p.add_argument("--no-cache", action="store_true", help="recompute the context at every step (same text, slower)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--num-samples", type=int, default=1, help="samples, with seeds seed, seed + 1, ...")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's)")
     p.set_defaults(func=cmd_generate)
 

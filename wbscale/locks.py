@@ -292,28 +292,31 @@ def _create(path: Path, record: dict[str, Any]) -> int | None:
     payload = (json.dumps(record, indent=1) + "\n").encode("utf-8")
     tmp = path.with_name(f".{path.name}.{record['host']}.{record['pid']}.new")
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    linked = False
     try:
         os.write(fd, payload)
         os.fsync(fd)
         _try_flock(fd)
         try:
             os.link(tmp, path)
+            linked = True
         except FileExistsError:
-            os.close(fd)
-            return None
+            pass
         except OSError as err:
             # NFS may report a failed link that happened: the link count tells.
-            if os.fstat(fd).st_nlink != 2:
-                if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
-                    raise
+            linked = os.fstat(fd).st_nlink == 2
+            if not linked and err.errno not in (
+                errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK
+            ):
+                raise
+            if not linked:
                 os.close(fd)
+                fd = -1
                 return _create_excl(path, payload)
-        return fd
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-        raise
+        return fd if linked else None
     finally:
+        if not linked and fd >= 0:
+            os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(tmp)
 
@@ -324,9 +327,15 @@ def _create_excl(path: Path, payload: bytes) -> int | None:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
         return None
-    _try_flock(fd)
-    os.write(fd, payload)
-    os.fsync(fd)
+    try:
+        _try_flock(fd)
+        os.write(fd, payload)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
     return fd
 
 

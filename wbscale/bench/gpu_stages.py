@@ -71,11 +71,16 @@ def peak_flops(device: torch.device) -> tuple[float | None, str]:
         return device_peak_flops(device), "wbscale.train.module"
     except Exception:  # noqa: BLE001 - mid-refactor or a missing optional dependency
         pass
-    name = torch.cuda.get_device_name(device)
+    flops = fallback_peak_flops(torch.cuda.get_device_name(device))
+    return flops, "wbscale.bench.gpu_stages fallback table" if flops else "unknown device"
+
+
+def fallback_peak_flops(device_name: str) -> float | None:
+    """Dense bf16 peak of a device by its CUDA name, from the fallback table."""
     for key, flops in _PEAK_BF16_FALLBACK:
-        if key in name:
-            return flops, "wbscale.bench.gpu_stages fallback table"
-    return None, "unknown device"
+        if key in device_name:
+            return flops
+    return None
 
 
 def _sync(device: torch.device | str) -> None:

@@ -21,7 +21,7 @@ from typing import Literal
 
 import torch
 
-from wbscale.ckpt.format import META_FILE, CheckpointInfo, read_checkpoint, verify_checkpoint
+from wbscale.ckpt.format import CheckpointInfo, read_checkpoint, verify_checkpoint
 from wbscale.ckpt.load import TOKENIZER_FILE, export_folder
 from wbscale.config import Recipe, recipe_from_dict
 from wbscale.errors import UserError
@@ -63,8 +63,6 @@ def consolidate(path: str | Path, out: str | Path, dtype: Literal["fp32", "bf16"
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     info = read_checkpoint(Path(path))
-    if "recipe" not in info.meta:
-        raise UserError(f"{info.path / META_FILE}: corrupt checkpoint metadata (no 'recipe')")
     recipe: Recipe = recipe_from_dict(info.meta["recipe"])
     weights = model_weights(info)
     # Build on the meta device, then take the checkpoint's tensors: no second copy.

@@ -149,8 +149,8 @@ def _read_meta(folder: Path) -> dict[str, Any]:
     step = meta.get("step")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise UserError(f"{meta_path}: corrupt checkpoint metadata (no valid 'step', got {step!r})")
-    if not isinstance(meta.get("recipe", {}), dict):
-        raise UserError(f"{meta_path}: corrupt checkpoint metadata ('recipe' is not a mapping)")
+    if not isinstance(meta.get("recipe"), dict):
+        raise UserError(f"{meta_path}: corrupt checkpoint metadata (no 'recipe' mapping)")
     return meta
 
 

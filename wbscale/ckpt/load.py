@@ -18,7 +18,7 @@ import yaml
 from safetensors.torch import load_model, save_model
 from tokenizers import Tokenizer
 
-from wbscale.ckpt.format import META_FILE, read_checkpoint, verify_checkpoint
+from wbscale.ckpt.format import read_checkpoint, verify_checkpoint
 from wbscale.config import Recipe, recipe_from_dict, save_recipe
 from wbscale.errors import UserError
 from wbscale.models import build_model
@@ -32,8 +32,6 @@ TOKENIZER_FILE = "tokenizer.json"
 
 def _load_training_checkpoint(path: Path) -> tuple[LanguageModel, Recipe, Path | None]:
     info = read_checkpoint(path)
-    if "recipe" not in info.meta:
-        raise UserError(f"{info.path / META_FILE}: corrupt checkpoint metadata (no 'recipe')")
     recipe = recipe_from_dict(info.meta["recipe"])
     model_path = info.model_path
     if model_path.is_dir():

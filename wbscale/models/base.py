@@ -98,7 +98,8 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) ->
     t, s = q.size(-2), k.size(-2)
     if t == s:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
-    mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+    # Query i (position s - t + i) sees keys 0 .. s - t + i; a single query sees them all.
+    mask = None if t == 1 else torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
@@ -108,7 +109,7 @@ def check_sampling(
     """UserError (one line, naming the CLI flag) for sampling options ``generate`` refuses."""
     if max_new_tokens < min_new_tokens:
         raise UserError(f"--max-new-tokens must be >= {min_new_tokens}, got {max_new_tokens}")
-    if temperature < 0:
+    if not temperature >= 0:  # also NaN
         raise UserError(f"--temperature must be >= 0 (0: greedy), got {temperature}")
     if top_k is not None and top_k < 0:
         raise UserError(f"--top-k must be >= 0 (0: no top-k filtering), got {top_k}")

@@ -127,12 +127,14 @@ class SampleGeneration(Callback):
         *,
         seed: int = 1234,
         eos_token: str | None = "<|endoftext|>",
+        top_p: float = 1.0,
     ) -> None:
         self.tokenizer = tokenizer
         self.prompts = list(prompts)
         self.max_new_tokens = int(max_new_tokens)
         self.temperature = float(temperature)
         self.top_k = top_k if top_k else None
+        self.top_p = float(top_p)
         self.every = int(every)
         out_path = Path(out_path)
         self.out_path = out_path / SAMPLES_FILE if out_path.suffix != ".jsonl" else out_path
@@ -153,8 +155,10 @@ class SampleGeneration(Callback):
                     torch.manual_seed(self.seed + i)
                     ids = self.tokenizer.encode(prompt).ids or ([self.eos_id] if self.eos_id is not None else [0])
                     idx = torch.tensor([ids], dtype=torch.long, device=pl_module.device)
+                    nucleus = {"top_p": self.top_p} if self.top_p < 1 else {}  # 1: off
                     out = model.generate(
-                        idx, self.max_new_tokens, temperature=self.temperature, top_k=self.top_k, eos_id=self.eos_id
+                        idx, self.max_new_tokens, temperature=self.temperature, top_k=self.top_k, eos_id=self.eos_id,
+                        **nucleus,
                     )
                     new = out[0, len(ids):].tolist()
                     if self.eos_id is not None and self.eos_id in new:
