@@ -23,7 +23,7 @@ from wbscale.bench import gpu
 
 REPO = Path(__file__).resolve().parent.parent
 
-FAKE_STAGES = '''
+FAKE_STAGES = """
 import os, subprocess, sys, time
 
 
@@ -53,7 +53,7 @@ def crash(ctx):
 def slow(ctx):
     time.sleep(3)
     return {"done": True}
-'''
+"""
 
 
 @pytest.fixture
@@ -87,17 +87,17 @@ def test_each_stage_has_its_own_limit_and_writes_as_it_goes(tmp_path, fake_stage
         fake_stages("slow", 30),
     ]
     out = tmp_path / "results"
-    seen_when_next_started: dict[str, list[str]] = {}
+    on_disk_at_start: dict[str, dict[str, str]] = {}  # stage -> {earlier stage: its status}
 
     def echo(line: str) -> None:
         if line.startswith("== stage") and "limit" in line:
-            name = line.split()[3]
-            seen_when_next_started[name] = sorted(p.name for p in out.glob("*.json"))
+            records = [json.loads(p.read_text()) for p in out.glob("*.json")]
+            on_disk_at_start[line.split()[3]] = {r["stage"]: r["status"] for r in records}
 
     started = time.time()
     rc = gpu.run_gpu_check(out, None, 60, stage_table=table, echo=echo, gpu=True, quick=True)
     assert rc == 1
-    assert time.time() - started < 50  # the hang cost its 4 s limit, not 120 s
+    assert time.time() - started < 100  # the hang cost its 4 s limit, not 120 s
     files = sorted(out.glob("*.json"))
     assert [f.name.split("-")[-1] for f in files] == [
         "fast.json", "hang.json", "boom.json", "crash.json", "slow.json",
@@ -121,19 +121,27 @@ def test_each_stage_has_its_own_limit_and_writes_as_it_goes(tmp_path, fake_stage
     assert records["crash"]["data"]["rows"] == ["partial"]
     assert records["slow"]["status"] == "ok" and records["slow"]["data"] == {"done": True}
     # each stage's final JSON was on disk before the next stage started
-    assert len(seen_when_next_started["slow"]) == 4
-    assert all("hang" in n for n in seen_when_next_started["boom"] if "hang" in n)
-    hang_file = next(n for n in seen_when_next_started["boom"] if "hang" in n)
-    assert hang_file.endswith("-2-hang.json")
+    assert on_disk_at_start["boom"] == {"fast": "ok", "hang": "timeout"}
+    assert on_disk_at_start["slow"] == {
+        "fast": "ok", "hang": "timeout", "boom": "failed", "crash": "crashed",
+    }  # fmt: skip
+    assert [f.name.split("-")[-2] for f in files] == ["1", "2", "3", "4", "5"]
     summary = next(out.glob("*.md")).read_text()
-    for name, status in (("fast", "ok"), ("hang", "timeout"), ("boom", "failed"), ("crash", "crashed")):
+    for name, status in (
+        ("fast", "ok"),
+        ("hang", "timeout"),
+        ("boom", "failed"),
+        ("crash", "crashed"),
+    ):
         assert f"| {name} | {status} |" in summary
 
 
 def test_the_budget_clips_and_skips_later_stages(tmp_path, fake_stages):
     table = [fake_stages("slow", 30), fake_stages("hang", 30), fake_stages("fast", 30)]
     # 3 s of slow, then hang gets what is left of the budget, and fast none of it
-    rc = gpu.run_gpu_check(tmp_path, None, 3 + gpu.MIN_STAGE_S + 4, stage_table=table, gpu=True, echo=lambda _: None)
+    rc = gpu.run_gpu_check(
+        tmp_path, None, 3 + gpu.MIN_STAGE_S + 4, stage_table=table, gpu=True, echo=lambda _: None
+    )
     records = [json.loads(f.read_text()) for f in sorted(tmp_path.glob("*.json"))]
     assert [r["status"] for r in records] == ["ok", "timeout", "skipped"]
     assert records[1]["limit_s"] < 30
@@ -144,7 +152,9 @@ def test_the_budget_clips_and_skips_later_stages(tmp_path, fake_stages):
 def test_stage_selection_and_gpu_requirement(tmp_path, fake_stages):
     table = [fake_stages("fast", 30), fake_stages("slow", 30, needs_gpu=True)]
     lines: list[str] = []
-    rc = gpu.run_gpu_check(tmp_path, ["slow", "fast"], 60, stage_table=table, gpu=False, echo=lines.append)
+    rc = gpu.run_gpu_check(
+        tmp_path, ["slow", "fast"], 60, stage_table=table, gpu=False, echo=lines.append
+    )
     assert rc == 2  # a GPU stage was asked for and there is none
     assert "No GPU present" in lines[0] and "slow" in lines[0]
     assert [f.name.split("-")[-1] for f in tmp_path.glob("*.json")] == ["fast.json"]
@@ -230,7 +240,7 @@ def test_summaries_render_partial_and_failed_rows():
 # Stage 1 for real, and the import path without deepspeed / wandb / datasets
 # --------------------------------------------------------------------------------------
 
-BLOCKER = '''
+BLOCKER = """
 import importlib.abc, sys
 
 BLOCKED = {"deepspeed", "wandb", "datasets"}
@@ -244,9 +254,9 @@ class _Blocker(importlib.abc.MetaPathFinder):
 
 
 sys.meta_path.insert(0, _Blocker())
-'''
+"""
 
-CHECK = '''
+CHECK = """
 import sys
 from wbscale.bench import gpu, gpu_stages
 from wbscale.kernels import ista_triton
@@ -270,7 +280,7 @@ except SystemExit as e:
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("deepspeed", "wandb", "datasets"))
 assert not loaded, loaded
 print("IMPORTS-OK", env["peak_flops_source"] if "peak_flops_source" in env else "cpu")
-'''
+"""
 
 
 @pytest.fixture
@@ -308,7 +318,6 @@ def test_gpu_check_on_cpu_runs_stage_one_and_says_no_gpu(tmp_path, blocked_env):
     assert record["status"] == "ok", record
     data = record["data"]
     assert data["cuda_available"] is False and data["torch"]
-    assert data["packages"]["deepspeed"] is None or True  # installed or not, never imported
     assert data["kernels"]["autotune_tiles"][0][:5] == [128, 256, 64, 4, 8]
     (summary,) = out.glob("gpu-check-cpu-*.md")
     assert "| env | ok |" in summary.read_text()

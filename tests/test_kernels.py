@@ -236,7 +236,11 @@ def test_bf16_save_modes_match_float64_on_the_active_set(variant, save):
     got = run(kernel_fn(variant, save_activations=save), x, w, gy, None, torch.bfloat16, DEVICE)
     want = run(reference_fn(variant), x, w, gy)
     codes = it.forward_codes(
-        x.to(DEVICE, torch.bfloat16), w.to(DEVICE, torch.bfloat16), variant=variant, eta=ETA, lam=LAM
+        x.to(DEVICE, torch.bfloat16),
+        w.to(DEVICE, torch.bfloat16),
+        variant=variant,
+        eta=ETA,
+        lam=LAM,
     )
     masks = [(c.cpu() > 0).double() for c in codes]
     on_set = run(lambda a, b: bench.ista_on_active_set(a, b, variant, ETA, LAM, masks), x, w, gy)
@@ -275,6 +279,7 @@ def test_saved_tensors_per_mode(variant):
             it.ista_triton(xr, wr, variant=variant, eta=ETA, lam=LAM, save_activations=save)
         activations = sum(k.numel() for k in kept if k.data_ptr() != wr.data_ptr())
         assert activations == numel, f"{save}: keeps {activations} elements, want {numel}"
+
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_small_tiles_and_split_k_weight_gradient(variant):
@@ -376,7 +381,11 @@ def test_custom_op_registrations_pass_opcheck(variant):
     x, w, _, _ = make_inputs(variant, 8, 16, seed=13)
     x = x.float().to(DEVICE).requires_grad_()
     w = w.float().to(DEVICE).requires_grad_()
-    op = torch.ops.wbscale.ista_overcomplete if variant == "overcomplete" else torch.ops.wbscale.ista_square
+    op = (
+        torch.ops.wbscale.ista_overcomplete
+        if variant == "overcomplete"
+        else torch.ops.wbscale.ista_square
+    )
     for save in it.SAVE_MODES:
         torch.library.opcheck(
             op, (x, w, ETA, LAM, save, False),
@@ -397,7 +406,12 @@ def test_autotune_policy_buckets_tokens_and_keeps_small_and_no_grad_calls_fixed(
 
 def test_hopper_configs_and_pruning():
     tiles = [t[:5] for t in it._GPU_TILES]
-    assert tiles == [(128, 256, 64, 4, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 3, 4)]
+    assert tiles == [
+        (128, 256, 64, 4, 8),
+        (256, 128, 64, 3, 8),
+        (128, 128, 64, 4, 8),
+        (128, 128, 64, 3, 4),
+    ]
     configs = [it._config(*t) for t in it._GPU_TILES]
     a = torch.empty(16384, 768, dtype=torch.bfloat16)
     named = {"M": 16384, "N": 3072, "K": 768, "a0_ptr": a}
@@ -408,7 +422,9 @@ def test_hopper_configs_and_pruning():
     assert [c.kwargs["EPI_SUBTILE"] for c in plain] == [1, 1, 1, 1]
     # fp32 operands: the 4-stage and 256-wide pipelines do not fit in 227 KiB
     fp32 = it._prune(configs, {**named, "a0_ptr": a.float()}, HAS_AUX=False)
-    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages) for c in fp32] == [(128, 128, 3)]
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages) for c in fp32] == [
+        (128, 128, 3)
+    ]
     wgrad = [it._config(*t, split_k=s) for t in it._GPU_WGRAD_TILES for s in it._SPLITS]
     kept = it._prune(wgrad, {"M": 768, "N": 768, "K": 2 * 16384, "a0_ptr": a})
     assert {c.kwargs["SPLIT_K"] for c in kept} == {1, 2, 4, 8}
@@ -431,7 +447,17 @@ def test_trace_records_every_launch_of_the_block():
     xr, wr = x.float().to(DEVICE).requires_grad_(), w.float().to(DEVICE).requires_grad_()
     with it.trace_gemms() as launches:
         it.ista_triton(xr, wr, variant="overcomplete", eta=ETA, lam=LAM).backward(gy.float())
-    assert [launch["name"] for launch in launches] == ["z1", "u", "z2", "y", "g2", "gu", "g1", "gx", "gW"]
+    assert [launch["name"] for launch in launches] == [
+        "z1",
+        "u",
+        "z2",
+        "y",
+        "g2",
+        "gu",
+        "g1",
+        "gx",
+        "gW",
+    ]
     assert launches[-1]["weight_grad"] and launches[-1]["mnk"] == (64, 16, 4 * 8)
     assert all(not launch["tuned"] for launch in launches)  # 8 tokens: the fixed config
 
@@ -535,9 +561,25 @@ def test_bench_without_gpu_runs_a_correctness_sweep_and_writes_no_timings(tmp_pa
 
     from wbscale.cli import main as cli_main
 
-    assert cli_main(
-        ["bench", "kernels", "--variant", "square", "--dtype", "fp32", "--tokens", "17", "--d", "16", "--out", str(tmp_path)]
-    ) == 0
+    assert (
+        cli_main(
+            [
+                "bench",
+                "kernels",
+                "--variant",
+                "square",
+                "--dtype",
+                "fp32",
+                "--tokens",
+                "17",
+                "--d",
+                "16",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     square = json.loads((tmp_path / "kernels-square-fp32-correctness-cpu.json").read_text())
     assert square["correctness"][0]["ok"]
 
@@ -628,40 +670,81 @@ def test_crate_training_step_with_triton_kernel_matches_eager(variant):
         )
 
 
-_AOT_COMPILE = """
-import sys
+_AOT_COMPILE = r"""
+import json, os, re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from wbscale.kernels import ista_triton as it
 
 fn = it._gemm_kernel
-launches = {  # every epilogue the Functions launch: (NUM_SEG, HAS_AUX, HAS_GATED, RELU, HAS_MASK, HAS_AMASK)
-    "z1": (1, 0, 0, 1, 0, 0), "z2": (1, 1, 0, 1, 0, 0), "g1": (1, 1, 0, 0, 1, 0),
-    "square dr": (1, 0, 0, 0, 0, 1), "square gx": (1, 1, 1, 0, 0, 0),
-    "overcomplete gW": (4, 0, 0, 0, 0, 0), "square gW": (2, 0, 0, 0, 0, 1),
+T, D, M4 = 16384, 768, 3072
+row = lambda n: (n, 1)
+# every epilogue the block launches: flags (NUM_SEG, HAS_AUX, HAS_GATED, RELU, HAS_MASK,
+# HAS_AMASK), then the strides it passes at T x d, m = 4d: a, b, c, aux, gated/gate, mask.
+# Strides equal to 1 become constants and the others multiples of 16, as the JIT
+# specialises them at run time (without that, no load vectorises and nothing pipelines).
+launches = {
+    "z1": ((1, 0, 0, 1, 0, 0), row(D), (1, D), row(M4), row(D), row(D), row(D)),
+    "z2": ((1, 1, 0, 1, 0, 0), row(D), (1, D), row(M4), row(M4), row(D), row(D)),
+    "u": ((1, 1, 0, 0, 0, 0), row(M4), row(D), row(D), row(D), row(M4), row(M4)),
+    "g1": ((1, 1, 0, 0, 1, 0), row(D), (1, D), row(M4), row(M4), row(D), row(M4)),
+    "square dr": ((1, 0, 0, 0, 0, 1), row(D), (1, D), row(D), row(D), row(D), row(D)),
+    "square gx": ((1, 1, 1, 0, 0, 0), row(D), row(D), row(D), row(D), row(D), row(D)),
+    "overcomplete gW": ((4, 0, 0, 0, 0, 0), (1, M4), row(D), row(D), (1, M4), (1, M4), (1, M4)),
+    "square gW": ((2, 0, 0, 0, 0, 1), (1, D), row(D), (1, D), (1, D), (1, D), (1, D)),
 }
 names = ("NUM_SEG", "HAS_AUX", "HAS_GATED", "RELU", "HAS_MASK", "HAS_AMASK")
-for dtype in sys.argv[2:]:
-    for what, values in launches.items():
-        split = 2 if values[0] > 1 else 1
-        out = "fp32" if split > 1 else dtype
-        signature = {}
-        for n in fn.arg_names:
-            if n.endswith("_ptr"):
-                signature[n] = "*" + (out if n == "c_ptr" else dtype)
-            elif n in ("M", "N", "K") or n.startswith("stride"):
-                signature[n] = "i32"
-            elif n.startswith("scale") or n == "beta":
-                signature[n] = "fp32"
-            else:
-                signature[n] = "constexpr"
-        constants = {n: (v if n == "NUM_SEG" else bool(v)) for n, v in zip(names, values)}
-        constants.update(UPCAST=False, RNE_BF16=False, PRECISION="ieee", BLOCK_M=128, BLOCK_N=128,
-                         BLOCK_K=32, GROUP_M=8, SPLIT_K=split)
-        target = GPUTarget("cuda", int(sys.argv[1]), 32)
-        triton.compile(ASTSource(fn, signature, constants), target=target, options={"num_warps": 8, "num_stages": 3})
-        print("compiled", dtype, what, flush=True)
+stride_names = ("stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm", "stride_cn",
+                "stride_xm", "stride_xn", "stride_gm", "stride_gn", "stride_mm", "stride_mn")
+arch, dtype = int(sys.argv[1]), sys.argv[2]
+tile = it._GPU_TILES[0] if arch >= 90 else it._GPU_TILES[-1]
+bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+for what, (values, a, b, c, x, g, m) in launches.items():
+    split = 2 if values[0] > 1 else 1
+    loads = bool(values[1] or values[2] or values[4])
+    strides = dict(zip(stride_names, (*a, *b, *c, *x, *g, *m)))
+    signature, constants, attrs = {}, {}, {}
+    for i, n in enumerate(fn.arg_names):
+        if n.endswith("_ptr"):
+            signature[n] = "*" + ("fp32" if n == "c_ptr" and split > 1 else dtype)
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif n in strides and strides[n] == 1:
+            signature[n], constants[n] = "constexpr", 1
+        elif n in strides or n in ("M", "N", "K"):
+            signature[n], attrs[(i,)] = "i32", [["tt.divisibility", 16]]
+        elif n in ("M_BUCKET", "K_BUCKET", "SPLIT_K"):
+            signature[n] = "i32"
+        elif n.startswith("scale") or n == "beta":
+            signature[n] = "fp32"
+        else:
+            signature[n] = "constexpr"
+    constants.update({n: (v if n == "NUM_SEG" else bool(v)) for n, v in zip(names, values)})
+    constants.update(UPCAST=False, RNE_BF16=False, PRECISION="ieee", RELAXED=it._RELAXED_ATOMICS,
+                     BLOCK_M=tile[0], BLOCK_N=tile[1], BLOCK_K=tile[2], GROUP_M=8,
+                     ATOMIC=split > 1, EPI_SUBTILE=tile[5] if loads else 1)
+    kernel = triton.compile(ASTSource(fn, signature, constants, attrs),
+                            target=GPUTarget("cuda", arch, 32),
+                            options={"num_stages": tile[3], "num_warps": tile[4]})
+    ptx = kernel.asm["ptx"]
+    info = {"launch": what, "tile": list(tile), "amask": bool(values[5]),
+            "pipelined": "async_copy_global_to_local" in kernel.asm["ttgir"],
+            "relaxed": bool(re.search(r"(atom|red)\.[a-z0-9.]*relaxed", ptx)) if split > 1 else None,
+            "spill_stores": None}
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    for ptxas in ("ptxas", "ptxas-blackwell"):  # -v reports registers and spills
+        gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+        try:
+            v = subprocess.run([os.path.join(bindir, ptxas), "-v", f"--gpu-name={gpu}", f.name,
+                                "-o", os.devnull], capture_output=True, text=True, timeout=300)
+        except OSError:
+            continue
+        if re.search(r"Used (\d+) registers", v.stderr):
+            s = re.search(r"(\d+) bytes spill stores", v.stderr)
+            info["spill_stores"] = int(s.group(1)) if s else 0
+            break
+    print("compiled", json.dumps(info), flush=True)
 """
 
 
@@ -669,7 +752,12 @@ for dtype in sys.argv[2:]:
 @pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU the other tests compile the kernels for real")
 @pytest.mark.parametrize("arch", [90, 80])
 def test_kernels_compile_for_gpu_without_a_gpu(arch):
-    """The interpreter never compiles: ahead-of-time compile every launch for sm_80 / sm_90."""
+    """The interpreter never compiles: ahead-of-time compile every launch for sm_90 / sm_80.
+
+    With the specialisation the JIT gives real tensors, each main loop must be software
+    pipelined, split-K must add with relaxed atomics, and on sm_90 the first Hopper tile
+    (128 x 256, split epilogue) must not spill in any epilogue.
+    """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run(
@@ -679,4 +767,16 @@ def test_kernels_compile_for_gpu_without_a_gpu(arch):
     if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
         pytest.skip("no ptxas for ahead-of-time compilation")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("compiled") == 7
+    infos = [
+        json.loads(line.split(" ", 1)[1])
+        for line in proc.stdout.splitlines()
+        if line.startswith("compiled ")
+    ]
+    assert len(infos) == 8
+    for info in infos:
+        assert info["pipelined"], info
+        if info["relaxed"] is not None:
+            assert info["relaxed"] == it._RELAXED_ATOMICS, info
+        # the A-mask prologue of the square block holds two A tiles: a few bytes may spill there
+        if arch == 90 and info["spill_stores"] is not None and not info["amask"]:
+            assert info["spill_stores"] == 0, info

@@ -411,9 +411,20 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe
     """Read a recipe YAML (path or name under ``recipes/``) and apply overrides."""
     path = resolve_recipe_path(name_or_path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); save the recipe as UTF-8") from None
     except yaml.YAMLError as err:
         raise UserError(f"{path}: not valid YAML ({err})") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read the recipe ({err.strerror})") from None
+    if data is None:
+        raise UserError(
+            f"{path}: the recipe is empty; a recipe needs at least a model and a data section "
+            "(see `wbscale recipes show demo` for a complete one)"
+        )
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a recipe is a YAML mapping of sections (model:, data:, …), not a {type(data).__name__}")
     try:
         return recipe_from_dict(data, overrides)
     except UserError as err:
@@ -459,6 +470,7 @@ def validate(r: Recipe) -> None:
     _check(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0 (got {o.warmup_steps})")
     _check(o.weight_decay >= 0, f"optim.weight_decay must be >= 0 (got {o.weight_decay})")
     _check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)")
+    _check(o.eps > 0, f"optim.eps must be > 0 (got {o.eps}); AdamW divides by sqrt(v) + eps")
     _check(o.grad_clip >= 0, f"optim.grad_clip must be >= 0 (got {o.grad_clip}); 0 disables it")
     _check(t.run_name.strip() != "" and "/" not in t.run_name, f"train.run_name must be a plain name (got {t.run_name!r})")
     for name in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "val_every", "val_batches", "ckpt_every", "keep_last"):
@@ -467,6 +479,7 @@ def validate(r: Recipe) -> None:
     _check(t.sample_every >= 0, f"train.sample_every must be >= 0 (got {t.sample_every})")
     _check(t.sample_max_new_tokens >= 0, "train.sample_max_new_tokens must be >= 0")
     _check(t.sample_temperature > 0, f"train.sample_temperature must be > 0 (got {t.sample_temperature})")
+    _check(t.sample_top_k >= 0, f"train.sample_top_k must be >= 0 (got {t.sample_top_k}); 0 = no top-k filtering")
     _check(r.tracking.metrics_every >= 0, "tracking.metrics_every must be >= 0 (0 disables)")
     _check(dist.zero_stage in (1, 2, 3), f"distributed.zero_stage must be 1, 2 or 3 (got {dist.zero_stage})")
     _check(dist.devices >= 1 and dist.nodes >= 1, "distributed.devices and distributed.nodes must be >= 1")

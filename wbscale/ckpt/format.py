@@ -80,8 +80,13 @@ def meta_digest(meta: dict[str, Any]) -> str:
 
 def sha256_file(path: Path) -> str:
     """sha256 of a file (hashlib releases the GIL: threads hash files in parallel)."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(1 << 22)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
 
 
 def hash_files(paths: Iterable[Path], workers: int | None = None) -> dict[Path, str]:

@@ -99,14 +99,14 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def trash(folder: Path) -> None:
+def trash(folder: Path, step: int = -1) -> None:
     """Delete a folder so that a kill midway leaves a ``.trash-…`` name, never a half ``step-…``."""
     if not folder.exists():
         return
     target = folder.with_name(f".trash-{folder.name}-{os.getpid()}-{time.monotonic_ns()}")
     os.replace(folder, target)
     fsync_dir(folder.parent)
-    fault("mid-prune", -1)
+    fault("mid-prune", step)
     shutil.rmtree(target, ignore_errors=True)
 
 
@@ -300,13 +300,14 @@ class AtomicCheckpoint(L.Callback):
     def _prune(self, root: Path) -> None:
         complete = list_checkpoints(self.run_dir)
         kept = complete[max(0, len(complete) - self.keep_last):]
+        newest = complete[-1].step if complete else -1
         for old in complete[: max(0, len(complete) - self.keep_last)]:
-            trash(old.path)
+            trash(old.path, newest)
         oldest_kept = kept[0].step if kept else None
         for child in list(root.iterdir()):
             match = STEP_DIR.match(child.name)
             if match and oldest_kept is not None and int(match.group(1)) < oldest_kept and child.is_dir():
-                trash(child)  # an unreadable folder older than every kept checkpoint (half-deleted by an old version)
+                trash(child, newest)  # an unreadable folder older than every kept checkpoint (half-deleted by an old version)
             elif child.name.startswith((".tmp-step-", ".trash-")) and child.is_dir():
                 shutil.rmtree(child, ignore_errors=True)  # leftovers of a crash mid-save
             elif _STALE_FILE.match(child.name) and child.is_file():

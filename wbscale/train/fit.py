@@ -247,9 +247,13 @@ def build_loggers(recipe: Recipe, run_dir: Path, ckpt: CheckpointInfo | None, pr
 def fit(recipe: Recipe, resume: str = "auto", progress: bool | None = None) -> FitResult:
     """Train (or resume) the run a recipe describes; returns where it ended."""
     quiet_lightning()
+    accelerator = accelerator_for(recipe)  # before anything is written: a missing GPU is bad input
     if progress is None:
         progress = sys.stderr.isatty()
     run_dir = recipe.run_dir
+    for folder, key in ((Path(recipe.train.runs_dir), "train.runs_dir"), (run_dir, "train.run_name")):
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"{key}: {folder} is a file, not a folder; point {key} somewhere else")
     data_dir = ensure_data(recipe, progress=progress)
     recipe = resolve_vocab(recipe, data_dir)
     manifest = load_manifest(data_dir, verify=False)
@@ -284,7 +288,6 @@ def _fit_locked(
     from wbscale.track.wandb_run import wandb_run_id
 
     L.seed_everything(recipe.train.seed, workers=True, verbose=False)
-    accelerator = accelerator_for(recipe)
     plan = plan_resume(recipe, ckpt)  # converts a checkpoint of another topology first
     loggers = build_loggers(recipe, run_dir, ckpt, progress=progress)
     meta = {

@@ -16,13 +16,20 @@ import torch
 from lightning.pytorch.strategies import Strategy
 
 from wbscale.config import Recipe
+from wbscale.errors import UserError
 
 
 def accelerator_for(recipe: Recipe) -> str:
     """``cpu`` or ``gpu``: the recipe's choice, or a GPU when one is visible."""
-    if recipe.distributed.accelerator != "auto":
-        return recipe.distributed.accelerator
-    return "gpu" if torch.cuda.is_available() else "cpu"
+    accelerator = recipe.distributed.accelerator
+    if accelerator == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if accelerator == "gpu" and not torch.cuda.is_available():
+        raise UserError(
+            "distributed.accelerator: gpu, but this machine has no usable CUDA GPU "
+            "(torch.cuda.is_available() is False); use distributed.accelerator: auto or cpu"
+        )
+    return accelerator
 
 
 def precision_for(recipe: Recipe, accelerator: str) -> str:

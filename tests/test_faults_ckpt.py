@@ -1,0 +1,472 @@
+"""Fault injection around checkpoints: kill -9 inside the writer and at random moments,
+flipped bytes in every kind of checkpoint file, broken metadata, SIGTERM / SIGINT, two
+writers on one run, and metrics that hold every step exactly once afterwards.
+
+Training runs happen in forked children of the test process (``fork`` after the imports,
+so each run costs its training time, not a fresh interpreter's imports): a child runs
+``wbscale.cli.main(["fit", …])`` exactly as the command line does and dies of a real
+SIGKILL where ``WBSCALE_FAULT`` says (:mod:`wbscale.ckpt.writer`). Every run uses the same
+recipe (dropout on, gradient accumulation 2, validation every 4 steps), so each resumed
+run is compared bitwise with one uninterrupted reference run. One test goes through a
+real ``wbscale fit`` subprocess to check the exit status of the command itself.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import tiny_overrides
+
+from wbscale.ckpt.format import (
+    META_SHA_KEY,
+    SHA_KEY,
+    checkpoint_problems,
+    inspect_checkpoint,
+    latest_checkpoint,
+    list_checkpoints,
+    meta_digest,
+    read_checkpoint,
+)
+from wbscale.ckpt.writer import FAULT_POINTS, clean_stale
+from wbscale.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS = 12
+VAL_STEPS = (4, 8, 12)
+BASE = {
+    "model.dropout": 0.1,  # resume must be exact with dropout on
+    "train.max_steps": STEPS,
+    "train.ckpt_every": 2,
+    "train.keep_last": 2,
+    "train.sample_max_new_tokens": 0,
+    "tracking.metrics_every": 4,  # white-box rows: logged again by a resumed run if not deduplicated
+    "tracking.wandb.mode": "disabled",
+}
+
+
+def overrides(tmp: Path, run: str, **extra: object) -> list[str]:
+    return tiny_overrides(tmp, run, **{**BASE, **extra})
+
+
+def _child(argv: list[str], env: dict[str, str], log: str) -> None:
+    out = open(log, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - the child exits with it open
+    os.dup2(out.fileno(), 1)
+    os.dup2(out.fileno(), 2)
+    sys.stdout = sys.stderr = out
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+    os.environ.update(env)
+    from wbscale.cli import main
+
+    code = main(argv)
+    out.flush()
+    os._exit(code)
+
+
+class Child:
+    """``wbscale fit`` in a forked child; ``code`` is its exit status (-9: SIGKILL)."""
+
+    def __init__(self, tmp: Path, run: str, env: dict[str, str] | None = None, resume: str = "auto", **extra: object):
+        self.run_dir = tmp / "runs" / run
+        self.log = tmp / f"{run}.log"
+        argv = ["fit", "demo", "--no-progress", "--resume", resume]
+        for item in overrides(tmp, run, **extra):
+            argv += ["--set", item]
+        self.proc = multiprocessing.get_context("fork").Process(target=_child, args=(argv, env or {}, str(self.log)))
+        self.proc.start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait(self, timeout: float = 300) -> int:
+        self.proc.join(timeout)
+        if self.proc.exitcode is None:
+            self.proc.kill()
+            self.proc.join()
+            raise AssertionError(f"fit did not finish in {timeout} s:\n{self.output()[-3000:]}")
+        return self.proc.exitcode
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.is_file() else ""
+
+
+def fit_child(tmp: Path, run: str, expect: int = 0, **kw: object) -> Child:
+    child = Child(tmp, run, **kw)
+    code = child.wait()
+    assert code == expect, f"fit {run}: exit {code}, expected {expect}:\n{child.output()[-3000:]}"
+    return child
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def by_key(run_dir: Path, key: str) -> dict[int, float]:
+    return {r["step"]: r[key] for r in rows(run_dir) if key in r}
+
+
+def assert_each_step_once(run_dir: Path) -> None:
+    """metrics.jsonl: no (step, key) twice, steps in order, every train and val step present."""
+    seen: dict[tuple[int, str], int] = {}
+    steps = []
+    for row in rows(run_dir):
+        steps.append(row["step"])
+        for key in row:
+            if key != "step":
+                seen[(row["step"], key)] = seen.get((row["step"], key), 0) + 1
+    twice = sorted(k for k, n in seen.items() if n > 1)
+    assert not twice, f"{run_dir.name}: logged more than once: {twice[:6]}"
+    assert steps == sorted(steps), f"{run_dir.name}: steps out of order: {steps}"
+    assert sorted(by_key(run_dir, "train/loss")) == list(range(1, STEPS + 1)), by_key(run_dir, "train/loss")
+    assert sorted(by_key(run_dir, "val/loss")) == list(VAL_STEPS)
+
+
+def assert_same_as_reference(ref: Path, run_dir: Path) -> None:
+    assert_each_step_once(run_dir)
+    for key in ("train/loss", "val/loss"):
+        a, b = by_key(ref, key), by_key(run_dir, key)
+        bad = [(s, a[s], b[s]) for s in a if a[s] != b[s]]
+        assert not bad, f"{run_dir.name} differs from the uninterrupted run in {key} at (step, ref, resumed): {bad}"
+
+
+def wait_for_step(run_dir: Path, step: int, child: Child, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    path = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if path.is_file() and any(r.get("step", 0) >= step and "train/loss" in r for r in rows(run_dir)):
+            return
+        if not child.proc.is_alive():
+            raise AssertionError(f"fit ended before step {step}:\n{child.output()[-3000:]}")
+        time.sleep(0.02)
+    raise AssertionError(f"no step {step} after {timeout} s")
+
+
+def flip_byte(path: Path, where: float = 0.5) -> None:
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * where)] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def copy_run(src: Path, name: str) -> Path:
+    dst = src.parent / name
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+    return dst
+
+
+# ---------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("faults")
+    from wbscale.config import load_recipe
+    from wbscale.data.prepare import prepare
+
+    prepare(load_recipe("demo", overrides(tmp, "data")).data, progress=False)
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def reference(tmp) -> Path:
+    """The uninterrupted run every interrupted one is compared with."""
+    run = fit_child(tmp, "reference").run_dir
+    assert_each_step_once(run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def zero_run(tmp) -> Path:
+    """A DeepSpeed ZeRO-2 run (one process): checkpoints made of shards."""
+    return fit_child(tmp, "zero", **{"distributed.strategy": "deepspeed", "distributed.zero_stage": 2}).run_dir
+
+
+# ---------------------------------------------------------------------------- fast unit checks
+
+
+def _fake_checkpoint(folder: Path, step: int) -> Path:
+    """A checkpoint folder as the writer lays it out, without training."""
+    import hashlib
+
+    import torch
+
+    path = folder / f"step-{step:08d}"
+    (path / "rng").mkdir(parents=True)
+    torch.save({"state_dict": {"model.w": torch.arange(64.0)}}, path / "model.ckpt")
+    torch.save({"torch": torch.get_rng_state()}, path / "rng" / "rank-00000.pt")
+    files = {p.relative_to(path).as_posix(): p for p in sorted(path.rglob("*")) if p.is_file()}
+    meta = {
+        "step": step, "recipe": {"model": {}}, "world_size": 1,
+        "files": {rel: p.stat().st_size for rel, p in files.items()},
+        SHA_KEY: {rel: hashlib.sha256(p.read_bytes()).hexdigest() for rel, p in files.items()},
+    }
+    meta[META_SHA_KEY] = meta_digest(meta)
+    (path / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return path
+
+
+def test_checksums_name_the_corrupt_file(tmp_path):
+    path = _fake_checkpoint(tmp_path / "checkpoints", 4)
+    assert checkpoint_problems(read_checkpoint(path)) == []
+    flip_byte(path / "model.ckpt", 0.8)  # inside the tensor data: torch.load would not notice
+    (problem,) = checkpoint_problems(read_checkpoint(path))
+    assert "model.ckpt: sha256 mismatch" in problem
+    report = inspect_checkpoint(path)
+    assert report["ok"] is False and "model.ckpt: sha256 mismatch" in report["problems"][0]
+    meta = json.loads((path / "meta.json").read_text())
+    meta["samples"] = 12345  # an edited or bit-flipped value, still valid JSON
+    (path / "meta.json").write_text(json.dumps(meta))
+    assert "meta.json: checksum mismatch" in checkpoint_problems(read_checkpoint(path))[0]
+
+
+def test_legacy_checkpoint_without_checksums_still_loads_and_a_broken_zip_is_named(tmp_path):
+    path = _fake_checkpoint(tmp_path / "checkpoints", 4)
+    meta = json.loads((path / "meta.json").read_text())
+    del meta[SHA_KEY], meta[META_SHA_KEY]  # as written before checksums were recorded
+    (path / "meta.json").write_text(json.dumps(meta))
+    assert checkpoint_problems(read_checkpoint(path)) == []
+    data = bytearray((path / "model.ckpt").read_bytes())
+    cd = data.rfind(b"PK\x01\x02")  # the zip's central directory: a name byte (UnicodeDecodeError in torch.load)
+    data[cd + 48] ^= 0x80
+    (path / "model.ckpt").write_bytes(bytes(data))
+    (problem,) = checkpoint_problems(read_checkpoint(path))
+    assert "model.ckpt: unreadable" in problem
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda p: p.write_text("{not json"), "corrupt checkpoint metadata (not valid JSON"),
+        (lambda p: p.write_text(json.dumps({"recipe": {}})), "no valid 'step'"),
+        (lambda p: p.unlink(), "meta.json: missing"),
+        (lambda p: p.write_bytes(b"\xff\xfe\x00"), "unreadable checkpoint metadata"),
+    ],
+    ids=["corrupt-json", "no-step", "deleted", "not-utf8"],
+)
+def test_broken_metadata_is_skipped_with_a_message_and_refused_by_path(tmp_path, damage, message):
+    run = tmp_path / "run"
+    _fake_checkpoint(run / "checkpoints", 2)
+    newest = _fake_checkpoint(run / "checkpoints", 4)
+    (run / "checkpoints" / "last").write_text("step-00000004\n")
+    damage(newest / "meta.json")
+    warnings: list[str] = []
+    assert latest_checkpoint(run, warn=warnings.append).step == 2
+    assert any(message in w and "step-00000004" in w for w in warnings), warnings
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        read_checkpoint(newest)
+
+
+def test_last_naming_a_missing_folder_falls_back_with_a_message(tmp_path):
+    run = tmp_path / "run"
+    _fake_checkpoint(run / "checkpoints", 2)
+    (run / "checkpoints" / "last").write_text("step-00000010\n")
+    warnings: list[str] = []
+    assert latest_checkpoint(run, warn=warnings.append).step == 2
+    assert "names step-00000010, which is not usable" in warnings[0] and "step 2" in warnings[0]
+
+
+def test_leftovers_of_crashes_are_cleaned(tmp_path):
+    run = tmp_path / "run"
+    root = run / "checkpoints"
+    _fake_checkpoint(root, 2)
+    for name in (".tmp-step-00000004", ".trash-step-00000000-77-1"):
+        (root / name / "model.ckpt").mkdir(parents=True)
+    (root / ".last.tmp-4242").write_text("step-00000004\n")
+    (run / ".metrics.jsonl.tmp-4242").write_text("")
+    removed = clean_stale(run)
+    assert sorted(removed) == [".last.tmp-4242", ".metrics.jsonl.tmp-4242", ".tmp-step-00000004", ".trash-step-00000000-77-1"]
+    assert [c.step for c in list_checkpoints(run)] == [2]
+
+
+def test_collective_timeout_is_a_recipe_value(tmp_path):
+    from datetime import timedelta
+
+    from wbscale.config import load_recipe
+    from wbscale.train.strategy import build_strategy
+
+    recipe = load_recipe("demo", overrides(tmp_path, "t", **{"distributed.strategy": "ddp", "distributed.timeout_s": 42}))
+    assert build_strategy(recipe, "cpu")._timeout == timedelta(seconds=42)
+    assert load_recipe("demo", []).distributed.timeout_s == 600
+    with pytest.raises(UserError, match="distributed.timeout_s must be >= 10"):
+        load_recipe("demo", ["distributed.timeout_s=0"])
+
+
+# ---------------------------------------------------------------------------- kill -9
+
+
+FAULT_STEP = {"mid-prune": 6}  # the first prune (keep_last 2) is at step 6's publish
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", FAULT_POINTS)
+def test_kill_inside_the_checkpoint_writer_then_resume_is_exact(tmp, reference, point):
+    step = FAULT_STEP.get(point, 4)
+    run = f"kill-{point}"
+    fit_child(tmp, run, expect=-signal.SIGKILL, env={"WBSCALE_FAULT": f"{point}@{step}"})
+    run_dir = tmp / "runs" / run
+    last = latest_checkpoint(run_dir)
+    assert last is not None and checkpoint_problems(last) == [], "`last` names a damaged checkpoint"
+    published = point in ("after-rename", "after-last", "mid-prune")
+    assert last.step == (step if published else step - 2), (point, last.step)
+    resumed = fit_child(tmp, run)
+    assert f"resuming '{run}' from step {last.step}" in resumed.output()
+    assert_same_as_reference(reference, run_dir)
+    root = run_dir / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["last", "step-00000010", "step-00000012"], (
+        "leftovers of the kill were not cleaned (or keep_last broke)"
+    )
+
+
+@pytest.mark.slow
+def test_kill_at_random_moments_then_resume_is_exact(tmp, reference):
+    rng = random.Random()
+    run = "kill-random"
+    for _ in range(2):  # two kills in one run: resume after a resume too
+        child = Child(tmp, run)
+        wait_for_step(tmp / "runs" / run, rng.randint(1, STEPS - 3), child)
+        time.sleep(rng.uniform(0, 0.4))
+        os.kill(child.pid, signal.SIGKILL)
+        assert child.wait() in (-signal.SIGKILL, 0)
+        last = latest_checkpoint(tmp / "runs" / run)
+        assert last is None or checkpoint_problems(last) == []
+    fit_child(tmp, run)
+    assert_same_as_reference(reference, tmp / "runs" / run)
+
+
+# ---------------------------------------------------------------------------- flipped bytes
+
+
+def _flip_target(run_dir: Path, kind: str) -> Path:
+    newest = latest_checkpoint(run_dir)
+    return {
+        "model.ckpt": lambda: newest.model_path,
+        "rng": lambda: newest.path / "rng" / "rank-00000.pt",
+        "meta.json": lambda: newest.path / "meta.json",
+        "zero-shard": lambda: newest.model_path / "checkpoint" / "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero-model-states": lambda: newest.model_path / "checkpoint" / "mp_rank_00_model_states.pt",
+    }[kind]()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["model.ckpt", "rng", "meta.json", "zero-shard", "zero-model-states"])
+def test_flipped_byte_is_named_auto_resume_falls_back_and_a_path_exits_2(tmp, reference, zero_run, kind, capsys):
+    from wbscale.cli import main
+    from wbscale.train.fit import resolve_resume
+
+    src = zero_run if kind.startswith("zero") else reference
+    run = copy_run(src, f"flip-{kind}")
+    target = _flip_target(run, kind)
+    newest = latest_checkpoint(run).path
+    flip_byte(target)
+    fallback = resolve_resume(run, "auto")
+    assert fallback.step == STEPS - 2
+    err = capsys.readouterr().err
+    assert "skipping" in err and target.name in err, err
+    code = main(["fit", "--resume", str(newest), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and target.name in err and "Traceback" not in err, err
+    assert err.count("\n") == 1, f"not one line: {err!r}"
+    report = inspect_checkpoint(newest) if kind != "meta.json" else None
+    if report is not None:
+        assert report["ok"] is False and target.name in report["problems"][0]
+    if kind == "model.ckpt":
+        for argv in (["eval", "--ckpt", str(newest), "--batches", "1", "--batch-size", "2"],
+                     ["generate", "--ckpt", str(newest), "--max-new-tokens", "2"]):
+            assert main(argv) == 2
+            err = capsys.readouterr().err
+            assert "sha256 mismatch" in err and "Traceback" not in err, err
+    if kind.startswith("zero"):
+        assert main(["ckpt", "consolidate", str(newest), "--out", str(run / "export")]) == 2
+        assert target.name in capsys.readouterr().err
+        assert not (run / "export").exists()
+
+
+@pytest.mark.slow
+def test_corrupt_newest_checkpoint_auto_resumes_from_the_previous_one_exactly(tmp, reference):
+    run = "flip-resume"
+    fit_child(tmp, run, **{"train.exit_interval": 8})  # stops cleanly at step 8: checkpoints 6 and 8
+    flip_byte(tmp / "runs" / run / "checkpoints" / "step-00000008" / "model.ckpt", 0.9)
+    child = fit_child(tmp, run)
+    out = child.output()
+    assert "skipping damaged checkpoint" in out and "step-00000008/model.ckpt: sha256 mismatch" in out, out
+    assert f"resuming '{run}' from step 6" in out
+    assert_same_as_reference(reference, tmp / "runs" / run)
+    # every checkpoint corrupt: auto-resume refuses (exit 2) instead of starting over
+    for ckpt in list_checkpoints(tmp / "runs" / run):
+        flip_byte(ckpt.model_path, 0.9)
+    child = fit_child(tmp, run, expect=2, **{"train.max_steps": STEPS + 2})
+    assert "no intact checkpoint" in child.output() and "Traceback" not in child.output()
+
+
+# ---------------------------------------------------------------------------- signals
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["TERM", "INT"])
+def test_signal_saves_at_the_step_boundary_exits_nonzero_and_resumes_exactly(tmp, reference, signum, code):
+    run = f"signal-{signum.name}"
+    child = Child(tmp, run, **{"train.ckpt_every": 100})  # only the signal saves mid-run
+    wait_for_step(tmp / "runs" / run, 3, child)
+    os.kill(child.pid, signum)
+    assert child.wait() == code, child.output()[-3000:]
+    out = child.output()
+    stop = latest_checkpoint(tmp / "runs" / run)
+    assert stop is not None and 3 <= stop.step < STEPS, out
+    line = f"{signum.name} received: checkpoint saved at step {stop.step}"
+    assert line in out and f"exiting with status {code}" in out, out
+    assert max(by_key(tmp / "runs" / run, "train/loss")) == stop.step
+    fit_child(tmp, run, **{"train.ckpt_every": 100})
+    assert_same_as_reference(reference, tmp / "runs" / run)
+
+
+@pytest.mark.slow
+def test_sigterm_through_the_command_line_exits_143(tmp):
+    run = "signal-cli"
+    cmd = [sys.executable, "-m", "wbscale.cli", "fit", "demo", "--no-progress"]
+    for item in overrides(tmp, run, **{"train.max_steps": 400}):
+        cmd += ["--set", item]
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp / "runs" / run / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None and not (metrics.is_file() and metrics.stat().st_size):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 143, out[-3000:]
+    assert "SIGTERM received: checkpoint saved at step" in out and "Traceback" not in out, out[-3000:]
+
+
+# ---------------------------------------------------------------------------- one writer
+
+
+@pytest.mark.slow
+def test_a_second_writer_is_refused_and_a_dead_ones_lock_is_taken_over(tmp, reference, capsys):
+    from wbscale.cli import main
+
+    run = "two-writers"
+    first = Child(tmp, run)
+    wait_for_step(tmp / "runs" / run, 2, first)
+    argv = ["fit", "demo", "--no-progress", *[a for o in overrides(tmp, run) for a in ("--set", o)]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"pid {first.pid} on {socket.gethostname()}" in err and "being trained by another process" in err, err
+    assert err.count("\n") == 1, err
+    os.kill(first.pid, signal.SIGKILL)  # dies holding the lock
+    assert first.wait() == -signal.SIGKILL
+    resumed = fit_child(tmp, run)
+    assert "taking over the stale lock" in resumed.output()
+    assert_same_as_reference(reference, tmp / "runs" / run)
+    assert not (tmp / "runs" / run / ".fit.lock").exists()
