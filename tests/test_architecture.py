@@ -25,12 +25,12 @@ LAYERS: list[set[str]] = [
     {"inference", "data"},
     {"ckpt"},
     {"track"},
-    {"slurm", "bimt", "interpret"},
+    {"slurm", "bimt", "interpret", "runs"},  # runs: the run registry; it resubmits through slurm
     {"train"},
     {"sweep", "bench", "doctor"},
     {"cli"},
 ]
-SIBLINGS = {("sweep", "bench")}
+SIBLINGS = {("sweep", "bench"), ("runs", "slurm")}
 
 
 def _modules() -> dict[str, Path]:

@@ -137,7 +137,19 @@ def test_auto_device_is_cuda_when_available():
     import torch
 
     assert cli._device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert cli._device("cpu") == "cpu" and cli._device("cuda:1") == "cuda:1"
+    assert cli._device("cpu") == "cpu"
+
+
+def test_a_device_this_machine_lacks_is_refused_naming_it():
+    import torch
+
+    from wbscale.errors import UserError
+
+    missing = f"cuda:{torch.cuda.device_count() if torch.cuda.is_available() else 7}"
+    with pytest.raises(UserError, match=missing):
+        cli._device(missing)
+    with pytest.raises(UserError, match="not a device"):
+        cli._device("gpu-ish")
 
 
 def test_slurm_record_start_is_a_cli_command(tmp_path, capsys):

@@ -61,6 +61,23 @@ def _device(name: str) -> str:
     return resolve_device(name)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with wbscale's error format: one line, exit status 2, where to get help."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} -h`)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (got {value})")
+    return value
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
@@ -339,12 +356,16 @@ def cmd_interpret_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep_run(args: argparse.Namespace) -> int:
-    from wbscale.sweep.grid import SweepSpec, parse_grid, run_sweep
+    from wbscale.sweep.grid import SweepSpec, parse_grid, parse_scoped, run_sweep
 
-    fixed, axes = parse_grid(args.overrides, args.arch)
-    spec = SweepSpec(_recipe_source(args), fixed, axes, name=args.name, out=args.out)
+    plain, scoped = parse_scoped(args.overrides, args.lr)
+    fixed, axes = parse_grid(plain, args.arch)
+    spec = SweepSpec(_recipe_source(args), fixed, axes, name=args.name, out=args.out, seeds=args.seeds, scoped=scoped)
     slurm = _job_options(args) if args.slurm else None
-    result = run_sweep(spec, slurm=slurm, dry_run=args.dry_run, progress=False if args.no_progress else None)
+    result = run_sweep(
+        spec, slurm=slurm, dry_run=args.dry_run, progress=False if args.no_progress else None,
+        max_concurrent=args.max_concurrent,
+    )
     if args.dry_run:
         if result.scripts:
             print("\n".join(result.scripts), end="")
@@ -369,6 +390,64 @@ def cmd_sweep_report(args: argparse.Namespace) -> int:
     report = sweep_report(args.dir, args.out)
     for path in report["files"]:
         print(path)
+    return 0
+
+
+def cmd_sweep_status(args: argparse.Namespace) -> int:
+    from wbscale.runs.state import format_table
+    from wbscale.sweep.status import sweep_status
+
+    sweep_dir, rows = sweep_status(args.sweep, args.runs_dir)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in rows], indent=2))
+    else:
+        print(f"sweep {sweep_dir}")
+        print(format_table(rows))
+    return 0
+
+
+def cmd_runs_list(args: argparse.Namespace) -> int:
+    from wbscale.runs.state import format_table, list_runs, matches, parse_filters
+
+    filters = parse_filters(args.filter)
+    rows = [r for r in list_runs(args.runs_dir, rebuild=args.rebuild) if matches(r, filters)]
+    print(json.dumps([r.to_dict() for r in rows], indent=2) if args.json else format_table(rows))
+    return 0
+
+
+def cmd_runs_show(args: argparse.Namespace) -> int:
+    from wbscale.runs.state import find_run, format_show, history, list_runs
+
+    name = find_run(args.runs_dir, args.name)
+    (row,) = list_runs(args.runs_dir, only=[name])
+    events = history(Path(args.runs_dir) / name)
+    if args.json:
+        print(json.dumps({**row.to_dict(), "history": events}, indent=2, default=str))
+    else:
+        print(format_show(row, events))
+    return 0
+
+
+def cmd_runs_resubmit(args: argparse.Namespace) -> int:
+    from wbscale.runs.heal import actions_json, format_actions, resubmit, watch
+
+    if args.watch:
+        if args.name:
+            raise UserError("--watch heals every --failed / --stale run; leave out NAME")
+
+        def report(actions) -> None:
+            print(actions_json(actions) if args.json else format_actions(actions), flush=True)
+
+        watch(
+            args.runs_dir, failed=args.failed or not args.stale, stale=args.stale or not args.failed,
+            max_retries=args.max_retries, interval=args.interval, rounds=args.rounds, report=report,
+        )
+        return 0
+    actions = resubmit(
+        args.runs_dir, [args.name] if args.name else None, failed=args.failed, stale=args.stale,
+        max_retries=args.max_retries, dry_run=args.dry_run,
+    )
+    print(actions_json(actions) if args.json else format_actions(actions))
     return 0
 
 
@@ -411,7 +490,7 @@ def _job_options(args: argparse.Namespace):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="wbscale", description="Train and inspect white-box (CRATE) language models.")
+    parser = _Parser(prog="wbscale", description="Train and inspect white-box (CRATE) language models.")
     parser.add_argument("--version", action="version", version=f"wbscale {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     recipe_args, device_args = _recipe_parent(), _device_parent()
@@ -439,8 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", parents=[device_args], help="validation loss and perplexity of a checkpoint")
     p.add_argument("--ckpt", required=True, help="checkpoint folder, run folder, or export folder")
     p.add_argument("--data", help="prepared data folder (default: the one the checkpoint was trained on)")
-    p.add_argument("--batches", type=int, default=50)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batches", type=_positive_int, default=50, help="validation batches (default 50)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per batch (default 8)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", parents=[device_args], help="sample text from a checkpoint")
@@ -466,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True, help="checkpoint folder, run folder, or export folder")
     p.add_argument("--data", help="prepared data folder (default: the one the checkpoint was trained on)")
     p.add_argument("--out", help="output folder for whitebox.json and PNGs (default: <ckpt>-whitebox next to it)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=_positive_int, default=8)
     p.set_defaults(func=cmd_metrics)
 
     interpret = sub.add_parser(
@@ -486,7 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val", choices=["val", "train"], help="data split (default: val, held out)")
     p.add_argument("--units", default="auto", choices=["auto", "ista", "mlp"],
                    help="ista: CRATE dictionary atoms; mlp: GPT-2 MLP neurons; auto: by model")
-    p.add_argument("--batch-size", type=int, default=8, help="windows of block_size tokens per forward pass")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="windows of block_size tokens per forward pass")
     p.add_argument("--save-every", type=int, default=64, help="batches between state saves (resume points)")
     p.add_argument("--force", action="store_true", help="start over even if --out holds a (partial) collection")
     p.set_defaults(func=cmd_interpret_collect)
@@ -567,7 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True, help="checkpoint folder, run folder, or export folder")
     p.add_argument("--data", help="prepared data folder (default: the one the checkpoint was trained on)")
     p.add_argument("--tokens", type=int, default=16384, help="tokens to stream (default 16384)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--repeats", type=int, default=2, help="best of this many alternating rounds (default 2)")
     p.add_argument("--layers", help="comma-separated layers (default: all)")
     p.set_defaults(func=cmd_bench_interpret)
@@ -604,7 +683,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sweep", help="train a grid of recipe overrides (CRATE vs GPT-2 scaling) and plot it",
         description="wbscale sweep run RECIPE … trains a grid; wbscale sweep report DIR plots a sweep folder. "
         "`wbscale sweep RECIPE …` is short for `wbscale sweep run RECIPE …`.",
-    ).add_subparsers(dest="sweep_command", required=True, metavar="{run,report}")
+    ).add_subparsers(dest="sweep_command", required=True, metavar="{run,report,status}")
     p = recipe_verb(
         sweep, "run", parents=[_job_parent(array=False)], help="train every combination of the grid, one run each, in runs/sweeps/<name>/",
         description="wbscale sweep run RECIPE --set model.n_layer=2,4 --set model.n_embd=64,128 --arch crate,gpt2 "
@@ -612,16 +691,75 @@ def build_parser() -> argparse.ArgumentParser:
         "comma-separated values is an axis of the grid; one with a single value applies to every point.",
     )
     p.add_argument("--arch", metavar="A,B", help="shorthand for --set model.arch=A,B (e.g. crate,gpt2)")
+    p.add_argument(
+        "--seeds", type=int, metavar="N",
+        help="train every point N times: train.seed = the recipe's seed + i, runs named <point>-s0 … -s<N-1>",
+    )
+    p.add_argument(
+        "--lr", action="append", default=[], metavar="[ARCH=]V1,V2,…",
+        help="learning-rate axis, per architecture with ARCH= (repeatable: --lr crate=1e-3,2e-3 --lr gpt2=5e-4,1e-3); "
+        "the same as --set ARCH:optim.max_lr=V1,V2,… (any key can be scoped so). optim.min_lr follows as "
+        "max_lr/10 unless set",
+    )
     p.add_argument("--name", help="sweep name (default: the recipe's name); runs go to <runs_dir>/sweeps/<name>/")
     p.add_argument("--out", metavar="FOLDER", help="sweep folder (default runs/sweeps/<name>)")
     p.add_argument("--dry-run", action="store_true", help="list the points (with --slurm: print the job scripts); run nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--slurm", action="store_true", help="submit one SLURM job per point (with the job options below)")
+    p.add_argument("--slurm", action="store_true", help="submit the grid as ONE SLURM job array, a task per point (job options below)")
+    p.add_argument("--max-concurrent", type=int, metavar="N", help="with --slurm: at most N tasks of the array at once (SLURM's %%N)")
     p.set_defaults(func=cmd_sweep_run)
     p = sweep.add_parser("report", help="scaling.png, scaling.md and scaling.json of a sweep folder")
     p.add_argument("dir", metavar="DIR", help="the sweep folder, e.g. runs/sweeps/<name>")
     p.add_argument("--out", metavar="FOLDER", help="where the report goes (default DIR)")
     p.set_defaults(func=cmd_sweep_report)
+    p = sweep.add_parser("status", help="every point of a sweep: state, step, losses, jobs (the run registry)")
+    p.add_argument("sweep", metavar="NAME_OR_DIR", help="a sweep name under <runs-dir>/sweeps/ or a sweep folder")
+    p.add_argument("--runs-dir", default="runs", help="where sweep names are looked up (default: runs)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_sweep_status)
+
+    runs = sub.add_parser(
+        "runs", help="every run, local or on SLURM: state, step, losses, tokens/s, checkpoint, jobs, wandb",
+        description="wbscale runs lists the run registry of a runs folder (one row per run); "
+        "`runs show NAME` adds the run's history; `runs resubmit` restarts runs that died.",
+    )
+    runs.add_argument("--runs-dir", default="runs", help="the runs folder (default: runs)")
+    runs.add_argument("--filter", action="append", default=[], metavar="KEY=GLOB[,GLOB]",
+                      help="keep rows whose field matches, e.g. state=failed,stale or arch=crate (repeatable)")
+    runs.add_argument("--json", action="store_true", help="machine-readable output")
+    runs.add_argument("--rebuild", action="store_true", help="rebuild the registry from the run folders first")
+    runs.set_defaults(func=cmd_runs_list)
+    runs_sub = runs.add_subparsers(dest="runs_command", metavar="{list,show,resubmit}")
+    sub_dir = dict(default=argparse.SUPPRESS, help="the runs folder (default: runs)")
+    p = runs_sub.add_parser("list", help="one row per run (the default)")
+    p.add_argument("--runs-dir", **sub_dir)
+    p.add_argument("--filter", action="append", default=argparse.SUPPRESS, metavar="KEY=GLOB[,GLOB]")
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+    p.add_argument("--rebuild", action="store_true", default=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_runs_list)
+    p = runs_sub.add_parser("show", help="one run in full, with its history: starts, stops, requeues, resumes")
+    p.add_argument("name", metavar="NAME", help="run name, its path under the runs folder, or its folder")
+    p.add_argument("--runs-dir", **sub_dir)
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_runs_show)
+    p = runs_sub.add_parser(
+        "resubmit", help="resubmit runs that died without finishing (not on bad input), with --resume auto",
+        description="Resubmits failed or stale runs (node failure, OOM-killed, time limit without the signal, "
+        "cancelled) with their saved recipe and --resume auto: SLURM runs with the job options of their last "
+        "submission, local runs in the background on this host. A run that failed on bad input (exit 2) is never "
+        "resubmitted; each run has a retry budget (--max-retries).",
+    )
+    p.add_argument("name", nargs="?", metavar="NAME", help="one run (default: every run --failed / --stale selects)")
+    p.add_argument("--failed", action="store_true", help="every failed run")
+    p.add_argument("--stale", action="store_true", help="every stale run (recorded running, process or job gone)")
+    p.add_argument("--max-retries", type=int, default=3, metavar="N", help="resubmissions per run at most (default 3)")
+    p.add_argument("--dry-run", action="store_true", help="say what would be resubmitted; submit nothing")
+    p.add_argument("--watch", action="store_true", help="keep healing: repeat every --interval seconds")
+    p.add_argument("--interval", type=float, default=300.0, metavar="S", help="seconds between rounds (1..3600, default 300)")
+    p.add_argument("--rounds", type=int, metavar="N", help="with --watch: stop after N rounds (default: until Ctrl-C)")
+    p.add_argument("--runs-dir", **sub_dir)
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_runs_resubmit)
 
     p = sub.add_parser("doctor", help="check this machine: torch/CUDA/GPUs, bf16, NCCL, Triton, DeepSpeed, SLURM, wandb, disk")
     p.add_argument("--runs-dir", default="runs", help="the runs folder whose disk space is checked (default runs)")
@@ -661,7 +799,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-SWEEP_COMMANDS = ("run", "report")
+SWEEP_COMMANDS = ("run", "report", "status")
 
 
 def _expand_aliases(argv: list[str]) -> list[str]:

@@ -8,7 +8,9 @@ resolved recipe is saved next to every run and inside every checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.resources
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -60,9 +62,15 @@ class DataConfig:
     separator: str = "<|endoftext|>"  # document separator for .txt sources
     max_documents: int | None = None  # cap on documents read (None: all)
     synthetic_documents: int = 20000
-    # "bpe" trains a byte-level BPE on the training text; otherwise a path to tokenizer.json
+    # "bpe" trains a byte-level BPE of vocab_size tokens on the training text; "char" makes
+    # one token per character of the training text (sorted; + <|endoftext|> and <|unk|>;
+    # vocab_size is then ignored); otherwise a path to a tokenizer.json
     tokenizer: str = "bpe"
     vocab_size: int = 2048
+    # train/val split (wbscale.data.sources): documents = whole documents, seeded sampling;
+    # position = the last val_fraction of the text (nanoGPT's split of one book);
+    # auto = position for a local source that gives a single document, documents otherwise
+    split: Literal["auto", "documents", "position"] = "auto"
     val_fraction: float = 0.02
     shard_tokens: int = 10_000_000
     out_dir: str = "data/synthetic-stories"
@@ -274,6 +282,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         for choice in choices:
             if value == choice or str(value) == str(choice):
                 return choice
+        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans: the word meant
+            words = ("true", "yes", "on", "y") if value else ("false", "no", "off", "n")
+            meant = [c for c in choices if isinstance(c, str) and c.lower() in words]
+            if len(meant) == 1:
+                return meant[0]
         raise UserError(
             f"{where}: {value!r} is not one of {', '.join(repr(c) for c in choices)}"
             + did_you_mean(str(value), [str(c) for c in choices])
@@ -324,6 +337,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
+        if value is None:
+            raise UserError(
+                f"{where}: expected a string, got nothing (YAML reads an empty value, ~ and null as "
+                "no value): quote it, e.g. separator: \"\\n\" in a recipe, or --set 'data.separator=\\n\\n'"
+            )
         raise UserError(f"{where}: expected a string, got {value!r}")
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, where)
@@ -359,18 +377,87 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
-    """Parse ``["a.b=c", ...]``; values are read as YAML (``3``, ``true``, ``[1, 2]``)."""
+    """Parse ``["a.b=c", ...]``.
+
+    A value for a text field (``str``, a choice of words such as ``slurm.preemption``, or a
+    list of them) is the text as typed, not YAML: ``--set slurm.preemption=on`` is the word
+    ``on``, ``--set data.separator=$'\\n'`` a newline. In it the escapes ``\\n``, ``\\t``,
+    ``\\r``, ``\\0``, ``\\\\`` (a backslash), ``\\xHH`` and ``\\uXXXX`` are decoded
+    (``--set 'data.separator=\\n\\n'``: a blank line); a value in quotes is read as a YAML
+    string (``--set 'data.separator="\\n\\n"'``); ``null`` or ``~`` gives an optional one no
+    value; a list is a YAML ``[a, b]`` or one item. Every other value is read as YAML
+    (``3``, ``3e-4``, ``true``, ``[1, 2]``, ``null``).
+    """
     parsed = []
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set optim.max_lr=3e-4")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        parsed.append((key.strip(), value))
+        parsed.append((key.strip(), _override_value(key.strip(), raw)))
     return parsed
+
+
+_NULLS = ("null", "Null", "NULL", "~")
+_ESCAPE = re.compile(r"\\(?:([ntr0\\])|x([0-9A-Fa-f]{2})|u([0-9A-Fa-f]{4}))")
+_SIMPLE_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", "\\": "\\"}
+
+
+def decode_escapes(text: str) -> str:
+    """``\\n``, ``\\t``, ``\\r``, ``\\0``, ``\\\\``, ``\\xHH``, ``\\uXXXX`` -> the characters; other backslashes stay."""
+    return _ESCAPE.sub(
+        lambda m: _SIMPLE_ESCAPES[m.group(1)] if m.group(1) else chr(int(m.group(2) or m.group(3), 16)), text
+    )
+
+
+def _yaml_value(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        return raw
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _annotation(dotted: str) -> Any:
+    """The type of recipe key ``a.b.c``; None when there is no such key (reported later)."""
+    tp: Any = Recipe
+    for key in dotted.split("."):
+        if not (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
+            return None
+        tp = _hints(tp).get(key)
+    return tp
+
+
+def _is_text(tp: Any) -> bool:
+    return tp is str or (get_origin(tp) is Literal and all(isinstance(c, str) for c in get_args(tp)))
+
+
+def _override_value(key: str, raw: str) -> Any:
+    tp, optional = _annotation(key), False
+    if get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        optional = len(args) < len(get_args(tp))
+        tp = args[0] if len(args) == 1 else None
+    if _is_text(tp):
+        return _text_value(raw, optional, word=tp is not str)
+    if get_origin(tp) is list and _is_text(get_args(tp)[0]) and not raw.lstrip().startswith("["):
+        return [_text_value(raw, False, word=get_args(tp)[0] is not str)]
+    return _yaml_value(raw)
+
+
+def _text_value(raw: str, optional: bool, word: bool) -> str | None:
+    text = raw.strip() if word else raw  # a choice never has spaces; free text keeps them
+    stripped = text.strip()
+    if optional and stripped in _NULLS:
+        return None
+    if len(stripped) >= 2 and stripped[0] == stripped[-1] and stripped[0] in "'\"":
+        value = _yaml_value(stripped)
+        if isinstance(value, str):
+            return value
+    return decode_escapes(text)
 
 
 def recipe_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> Recipe:
@@ -460,7 +547,14 @@ def validate(r: Recipe) -> None:
     _check(m.ista_expansion >= 1, f"model.ista_expansion must be >= 1 (got {m.ista_expansion})")
     _check(m.ista_eta > 0, f"model.ista_eta must be > 0 (got {m.ista_eta})")
     _check(m.ista_lambda >= 0, f"model.ista_lambda must be >= 0 (got {m.ista_lambda})")
-    _check(d.vocab_size >= 257, f"data.vocab_size must be >= 257 for byte-level BPE (got {d.vocab_size})")
+    if d.tokenizer == "char":
+        _check(
+            d.vocab_size >= 257,
+            f"data.vocab_size ({d.vocab_size}) is not used with data.tokenizer: char: the vocabulary is the "
+            "training text's characters + <|endoftext|> + <|unk|>; leave data.vocab_size out",
+        )
+    else:
+        _check(d.vocab_size >= 257, f"data.vocab_size must be >= 257 for byte-level BPE (got {d.vocab_size})")
     _check(0.0 < d.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5) (got {d.val_fraction})")
     _check(d.shard_tokens >= 1024, f"data.shard_tokens must be >= 1024 (got {d.shard_tokens})")
     _check(d.workers >= 0, f"data.workers must be >= 0 (got {d.workers})")

@@ -58,7 +58,22 @@ def device_peak_flops(device: torch.device) -> float | None:
 
 
 def resolve_device(name: str) -> str:
-    """A ``--device`` value: ``auto`` is ``cuda`` when CUDA is available, else ``cpu``."""
-    if name != "auto":
-        return name
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """A ``--device`` value checked against this machine: ``auto`` is ``cuda`` when CUDA is
+    available, else ``cpu``; ``cuda`` / ``cuda:N`` must exist here (UserError otherwise)."""
+    from wbscale.errors import UserError
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {name!r}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"--device {name}: this machine has no usable CUDA GPU; use --device cpu (or auto)")
+        if device.index is not None and device.index >= count:
+            raise UserError(f"--device {name}: this machine has {count} CUDA GPU(s) (cuda:0 … cuda:{count - 1})")
+    elif device.type != "cpu":
+        raise UserError(f"--device {name}: wbscale runs on cpu or cuda devices")
+    return name

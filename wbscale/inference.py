@@ -73,4 +73,5 @@ def generate_text(
     new = out[0, len(ids):].tolist()
     if eos_id is not None and eos_id in new:
         new = new[: new.index(eos_id)]
-    return tokenizer.decode(prompt_ids + new)
+    # Special tokens stay visible: with stop=False an end-of-text token shows where a text ended.
+    return tokenizer.decode(prompt_ids + new, skip_special_tokens=False)

@@ -26,7 +26,6 @@ output, the last one after the final LayerNorm (GPT-2's convention). There is no
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -46,10 +45,10 @@ class CrateCausalLMOutput(ModelOutput):
     of B x T x d) with ``output_hidden_states``; ``sparse_codes`` (n_layer tensors of B x T x m,
     the ISTA code z of each layer) with ``output_sparse_codes``."""
 
-    loss: Optional[torch.FloatTensor] = None
-    logits: Optional[torch.FloatTensor] = None
-    hidden_states: Optional[tuple] = None
-    sparse_codes: Optional[tuple] = None
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    hidden_states: tuple | None = None
+    sparse_codes: tuple | None = None
 
 
 class CrateMSSA(nn.Module):

@@ -42,7 +42,7 @@ from tokenizers import Tokenizer
 
 from wbscale import locks
 from wbscale.config import DataConfig
-from wbscale.data.bpe import BPE_TRAIN_MAX_CHARS, bpe_training_text, train_bpe
+from wbscale.data.bpe import BPE_TRAIN_MAX_CHARS, train_tokenizer
 from wbscale.data.manifest import (
     MANIFEST_FILE,
     STATE_FILE,
@@ -65,13 +65,15 @@ from wbscale.data.shards import (
     write_file,
 )
 from wbscale.data.sources import (
+    SplitPlan,
     iter_chunks,
-    iter_documents,
     source_fingerprint,
+    split_documents,
     val_mask,
     val_phase,
 )
 from wbscale.data.tokenizer import (
+    CHAR,
     TOKENIZER_FILE,
     eot_id,
     load_tokenizer_file,
@@ -116,6 +118,8 @@ def config_fingerprint(cfg: DataConfig) -> dict[str, Any]:
     fp.update(source_fingerprint(cfg))
     if cfg.tokenizer == "bpe":
         fp.update(tokenizer="bpe", vocab_size=cfg.vocab_size, bpe_train_max_chars=BPE_TRAIN_MAX_CHARS)
+    elif cfg.tokenizer == CHAR:  # data.vocab_size is not used: not part of it
+        fp.update(tokenizer=CHAR, char_train_max_chars=BPE_TRAIN_MAX_CHARS)
     else:
         fp.update(tokenizer="file", tokenizer_sha256=sha256_file(tokenizer_path(cfg.tokenizer)))
     return fp
@@ -263,12 +267,15 @@ def tokenize_pass(
     workers: int,
     progress: _Progress | None = None,
     stop_early: bool = False,
+    plan: SplitPlan | None = None,
 ) -> PassStats:
     """Stream ``docs`` through the workers into the shard writers, in document order.
 
     The main process only routes: per chunk of documents it decides (vectorised) which
     are needed by which split's job, ships those texts to a worker, and hands the returned
-    id arrays to the writers, so the workers keep all cores busy tokenizing.
+    id arrays to the writers, so the workers keep all cores busy tokenizing. ``plan``
+    decides which documents are val (:func:`wbscale.data.sources.split_documents`);
+    without it, ``val_fraction`` and ``seed`` do (the document split).
     """
     stats = PassStats(workers=worker_count(workers))
     dtype = writers[SPLITS[0]].dtype
@@ -315,7 +322,7 @@ def tokenize_pass(
             index = np.arange(first, first + len(texts), dtype=np.int64)
             first += len(texts)
             stats.documents = first
-            is_val = val_mask(index, val_fraction, phase)
+            is_val = plan.is_val(index) if plan is not None else val_mask(index, val_fraction, phase)
             n_val = int(is_val.sum())
             counts["val"] += n_val
             counts["train"] += len(texts) - n_val
@@ -467,8 +474,9 @@ def _build(
             # Only the tokenizer needed replacing, and it came out the same.
             stats = PassStats(workers=0)
         else:
+            docs, plan = split_documents(cfg)
             stats = tokenize_pass(
-                iter_documents(cfg),
+                docs,
                 tok,
                 eot,
                 writers,
@@ -477,6 +485,7 @@ def _build(
                 cfg.workers,
                 bar,
                 stop_early=complete,  # document counts are in the manifest already
+                plan=plan,
             )
     except SourceChanged as err:
         raise UserError(
@@ -528,8 +537,8 @@ def _build(
 def new_tokenizer(cfg: DataConfig) -> tuple[Tokenizer, bytes]:
     """The tokenizer ``cfg`` asks for (BPE trained on the train split, or the file) and
     the bytes of its ``tokenizer.json``."""
-    if cfg.tokenizer == "bpe":
-        tok = train_bpe(bpe_training_text(cfg), cfg.vocab_size)
+    if cfg.tokenizer in ("bpe", CHAR):
+        tok = train_tokenizer(cfg)
         return tok, tok.to_str(pretty=True).encode("utf-8")
     tok = load_tokenizer_file(cfg.tokenizer)
     return tok, tokenizer_path(cfg.tokenizer).read_bytes()  # a byte copy: same sha256 as the user's file
@@ -576,7 +585,8 @@ def _empty_split_message(cfg: DataConfig, split: str, n_docs: int) -> str:
     return (
         f"the {split} split is empty: data.source '{cfg.source}' gave {n_docs} document(s) "
         f"and data.val_fraction is {cfg.val_fraction}. Use more documents (at least "
-        f"{math.ceil(1 / cfg.val_fraction) + 1}) or raise data.val_fraction."
+        f"{math.ceil(1 / cfg.val_fraction) + 1}), raise data.val_fraction, or set data.split: "
+        "position (the last data.val_fraction of the text as val)."
     )
 
 

@@ -13,9 +13,21 @@
 
 Empty documents are skipped. ``data.max_documents`` caps how many are read.
 
-Train/val split: by document, systematic sampling with a seeded phase
-(:func:`val_mask`): document ``i`` is in val iff ``floor((i+1)f + u) > floor(i f + u)``, so
-any ``n`` documents give ``floor(n f + u)`` val documents, at least one once ``n f >= 1``.
+Train/val split (``data.split``, :func:`split_documents`), ``f = data.val_fraction``:
+
+- ``documents``: by document, systematic sampling with a seeded phase (:func:`val_mask`):
+  document ``i`` is in val iff ``floor((i+1)f + u) > floor(i f + u)``, so any ``n``
+  documents give ``floor(n f + u)`` val documents, at least one once ``n f >= 1``.
+- ``position``: by position in the text, as nanoGPT splits a book: the documents' text,
+  in order, is cut at character ``floor(N (1 - f))`` of its ``N`` characters; everything
+  before the cut is train, everything after it val (the one document the cut falls in is
+  cut in two there). With ``data.tokenizer: char`` one character is one token, so val is
+  exactly the last ``f`` of the token stream (each split then ends with one
+  ``<|endoftext|>``, as every document does); with BPE it is the last ``f`` of the text.
+- ``auto`` (the default): ``position`` for a local source (file or folder) that gives
+  exactly one document (a ``.txt`` without ``data.separator`` in it: a book, Tiny
+  Shakespeare), ``documents`` otherwise. ``hf:`` and synthetic sources are always
+  multi-document under ``auto``; set ``data.split: position`` to cut them by position.
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -35,12 +48,16 @@ from wbscale.errors import UserError, did_you_mean
 
 __all__ = [
     "SUFFIXES",
+    "SplitPlan",
     "document_split",
     "iter_chunks",
     "iter_documents",
     "source_files",
     "source_fingerprint",
     "source_kind",
+    "split_documents",
+    "split_mode",
+    "split_plan",
     "val_mask",
     "val_phase",
 ]
@@ -141,6 +158,8 @@ def source_fingerprint(cfg: DataConfig) -> dict[str, Any]:
         fp["source_files"] = [
             [p.name if p == root else str(p.relative_to(root)), p.stat().st_size] for p in files
         ]
+    if split_mode(cfg) == "position":  # documents mode: no key, as before data.split existed
+        fp["split"] = "position"
     return fp
 
 
@@ -174,8 +193,108 @@ def val_mask(index: np.ndarray, fraction: float, phase: float) -> np.ndarray:
 
 
 def document_split(index: int, cfg: DataConfig) -> str:
-    """``"train"`` or ``"val"``: the split of the ``index``-th document of ``cfg.source``."""
-    return "val" if val_mask(np.array([index]), cfg.val_fraction, val_phase(cfg.seed))[0] else "train"
+    """``"train"`` or ``"val"``: the split of the ``index``-th document of
+    :func:`split_documents` (of ``iter_documents`` itself in ``documents`` mode)."""
+    return "val" if split_plan(cfg).is_val(np.array([index]))[0] else "train"
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """Which documents of :func:`split_documents` are validation.
+
+    ``documents`` mode: :func:`val_mask` with ``fraction`` and ``phase``. ``position``
+    mode: the documents from index ``first_val`` on (the pieces after the cut).
+    """
+
+    mode: str  # "documents" | "position"
+    fraction: float
+    phase: float = 0.0
+    first_val: int = 0
+    cut: int = 0  # position: the character the val split starts at (of ``chars``)
+    chars: int = 0  # position: characters of the source's documents, in total
+
+    def is_val(self, index: np.ndarray) -> np.ndarray:
+        if self.mode == "position":
+            return np.asarray(index) >= self.first_val
+        return val_mask(index, self.fraction, self.phase)
+
+
+def split_mode(cfg: DataConfig) -> str:
+    """``data.split`` resolved: ``documents`` or ``position`` (``auto``: see the module doc)."""
+    if cfg.split != "auto":
+        return cfg.split
+    if source_kind(cfg.source) != "local":
+        return "documents"
+    return "position" if len(_document_lengths(cfg, limit=2)) == 1 else "documents"
+
+
+def split_plan(cfg: DataConfig) -> SplitPlan:
+    """The split of ``cfg``'s documents (``position`` mode counts the source's characters)."""
+    mode = split_mode(cfg)
+    if mode == "documents":
+        return SplitPlan("documents", cfg.val_fraction, val_phase(cfg.seed))
+    lengths = _document_lengths(cfg, limit=None)
+    chars = int(lengths.sum())
+    cut = int(chars * (1.0 - cfg.val_fraction))  # nanoGPT: data[:int(n * 0.9)]
+    ends = np.cumsum(lengths)
+    whole_train = int(np.searchsorted(ends, cut, side="right"))  # documents ending at or before the cut
+    straddles = whole_train < len(lengths) and ends[whole_train] - lengths[whole_train] < cut
+    return SplitPlan("position", cfg.val_fraction, first_val=whole_train + int(straddles), cut=cut, chars=chars)
+
+
+def split_documents(cfg: DataConfig) -> tuple[Iterator[str], SplitPlan]:
+    """The documents to tokenize, in order, and which of them are validation.
+
+    ``documents`` mode: :func:`iter_documents` itself. ``position`` mode: the same text, the
+    one document the cut falls in given as two (its part before the cut, its part after).
+    """
+    plan = split_plan(cfg)
+    docs = iter_documents(cfg)
+    if plan.mode == "documents":
+        return docs, plan
+    return _cut_at(docs, plan.cut), plan
+
+
+def _cut_at(docs: Iterable[str], cut: int) -> Iterator[str]:
+    offset = 0
+    for text in docs:
+        if offset < cut < offset + len(text):
+            yield text[: cut - offset]
+            yield text[cut - offset:]
+        else:
+            yield text
+        offset += len(text)
+
+
+def _document_lengths(cfg: DataConfig, limit: int | None) -> np.ndarray:
+    """Character counts of the first ``limit`` documents (all: ``None``); cached per source state."""
+    key = (cfg.source, cfg.hf_config, cfg.hf_split, cfg.text_field, cfg.separator, cfg.max_documents,
+           cfg.synthetic_documents, cfg.seed, _source_stamp(cfg))
+    cached = _LENGTHS.get(key)
+    if cached is not None and (cached[1] or (limit is not None and len(cached[0]) >= limit)):
+        return cached[0][:limit] if limit is not None else cached[0]
+    lengths: list[int] = []
+    complete = True
+    for text in iter_documents(cfg):
+        lengths.append(len(text))
+        if limit is not None and len(lengths) >= limit:
+            complete = False  # there may be more
+            break
+    array = np.asarray(lengths, dtype=np.int64)
+    if len(_LENGTHS) >= 8:
+        _LENGTHS.clear()
+    _LENGTHS[key] = (array, complete)
+    return array
+
+
+# (source settings, file stamps) -> (document lengths, whether that is every document)
+_LENGTHS: dict[tuple, tuple[np.ndarray, bool]] = {}
+
+
+def _source_stamp(cfg: DataConfig) -> tuple:
+    if source_kind(cfg.source) != "local":
+        return ()
+    return tuple((str(p), st.st_size, st.st_mtime_ns) for p in source_files(cfg.source) for st in [p.stat()])
 
 
 # ---------------------------------------------------------------------------- local files

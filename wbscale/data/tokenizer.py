@@ -15,15 +15,21 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from wbscale.config import DataConfig
 from wbscale.errors import UserError
 from wbscale.io import sha256_file
 
 __all__ = [
+    "BPE",
+    "CHAR",
     "EOT",
     "TOKENIZER_FILE",
+    "TRAINED",
+    "UNK",
     "decode",
     "encode",
     "eot_id",
+    "expected_vocab_size",
     "load_tokenizer",
     "load_tokenizer_file",
     "tokenizer_path",
@@ -32,7 +38,12 @@ __all__ = [
 ]
 
 EOT = "<|endoftext|>"
+UNK = "<|unk|>"  # what the character tokenizer gives a character its training text never had
 TOKENIZER_FILE = "tokenizer.json"
+# data.tokenizer values that name a tokenizer to train (wbscale.data.bpe); anything else is a file
+BPE = "bpe"
+CHAR = "char"
+TRAINED = (BPE, CHAR)
 # End-of-document tokens of common tokenizers, tried in order when EOT is absent.
 _EOT_CANDIDATES = (EOT, "<|end_of_text|>", "</s>", "<eos>")
 
@@ -48,7 +59,7 @@ def tokenizer_path(path: str | Path) -> Path:
         )
         raise UserError(
             f"data.tokenizer: no tokenizer file at '{path}'{hint}. Give the path to a "
-            "tokenizer.json (e.g. GPT-2's), or set data.tokenizer: bpe to train one."
+            "tokenizer.json (e.g. GPT-2's), or set data.tokenizer: bpe (or char) to train one."
         )
     return path
 
@@ -74,6 +85,22 @@ def load_tokenizer(data_dir: str | Path) -> Tokenizer:
             "`wbscale data prepare --config <recipe>` first."
         )
     return load_tokenizer_file(path)
+
+
+def expected_vocab_size(cfg: DataConfig) -> int | None:
+    """Token ids the tokenizer of ``cfg`` will have, before padding; None if not known yet.
+
+    ``bpe``: ``data.vocab_size``. ``char``: the prepared folder's ``tokenizer.json`` if
+    ``data.out_dir`` holds one (the character set is only known once the text is read).
+    A file: its vocabulary, when it is readable here.
+    """
+    if cfg.tokenizer == BPE:
+        return cfg.vocab_size
+    path = Path(cfg.out_dir).expanduser() / TOKENIZER_FILE if cfg.tokenizer == CHAR else Path(cfg.tokenizer).expanduser()
+    try:
+        return vocab_size(Tokenizer.from_file(str(path)))
+    except Exception:  # missing or unreadable: not known yet
+        return None
 
 
 def tokenizer_sha256(path: str | Path) -> str:

@@ -2,6 +2,8 @@
 
 :func:`job_spec` turns a recipe + site settings + command-line choices into a
 :class:`JobSpec`; :func:`render` fills the single-node or the multi-node template with it.
+A sweep's job array (``points_file`` set) renders the same templates: each task reads its
+run folder from the points file and trains that folder's ``recipe.yaml``.
 A placeholder without a value is an error, so a template and this code cannot drift apart
 silently.
 """
@@ -55,6 +57,10 @@ class JobSpec:
     env: dict[str, str] = field(default_factory=dict)
     setup: list[str] = field(default_factory=list)
     sbatch: list[str] = field(default_factory=list)
+    # A sweep's job array: task i trains the run folder on line i + 1 of this file (its
+    # own saved recipe.yaml); run_dir is then the sweep folder (script copy, logs).
+    points_file: Path | None = None
+    job_name: str | None = None
 
     @property
     def slurm_dir(self) -> Path:
@@ -144,8 +150,25 @@ def _setup_lines(spec: JobSpec) -> str:
     return "\n".join(lines) if lines else "# (no site setup: modules, env and setup lines come from the site file)"
 
 
+TASK_RUN_DIR = "WBSCALE_TASK_RUN_DIR"
+
+
+def _task_setup(spec: JobSpec) -> str:
+    """A sweep array's task: the run folder of point SLURM_ARRAY_TASK_ID, from the points file."""
+    if spec.points_file is None:
+        return ""
+    points = shlex.quote(str(spec.points_file))
+    return (
+        "# One sweep point per array task: task i trains the run folder on line i + 1 of the\n"
+        "# points file (its saved recipe.yaml), so a requeued task resumes its own point.\n"
+        f'{TASK_RUN_DIR}=$(sed -n "$(( SLURM_ARRAY_TASK_ID + 1 ))p" {points})\n'
+        f'if [ -z "${TASK_RUN_DIR}" ]; then echo "wbscale: no point $SLURM_ARRAY_TASK_ID in {points}" >&2; exit 2; fi\n'
+        f"export {TASK_RUN_DIR}\n"
+    )
+
+
 def _fit_args(spec: JobSpec) -> str:
-    if not spec.array:
+    if not spec.array or spec.points_file is not None:
         return ""
     # An array is a seed sweep of one recipe: task i trains run '<run>-i' with seed + i.
     return (
@@ -158,13 +181,15 @@ def render(spec: JobSpec, template: str | None = None) -> str:
     """The job script for ``spec`` (from ``slurm/<template>``)."""
     path = TEMPLATES_DIR / (template or spec.template)
     text = path.read_text()
+    task_run = spec.points_file is not None
     values = {
-        "job_name": f"wbscale-{spec.run_name}",
+        "job_name": spec.job_name or f"wbscale-{spec.run_name}",
         "run_name": spec.run_name,
-        "run_dir": shlex.quote(str(spec.run_dir)),
+        "run_dir": f'"${TASK_RUN_DIR}"' if task_run else shlex.quote(str(spec.run_dir)),
         "slurm_dir": str(spec.slurm_dir),
         "workdir": str(spec.workdir),
-        "recipe_path": shlex.quote(str(spec.recipe_path)),
+        "recipe_path": f'"${TASK_RUN_DIR}/recipe.yaml"' if task_run else shlex.quote(str(spec.recipe_path)),
+        "task_setup": _task_setup(spec),
         "nodes": str(spec.nodes),
         "tasks_per_node": str(spec.tasks_per_node),
         "signal": spec.signal,

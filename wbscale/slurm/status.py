@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,62 @@ def _sacct(job_id: str) -> list[JobState]:
     return states
 
 
+def _task_ids(spec: str) -> list[str]:
+    """``ArrayTaskId`` of a record: ``3``, or for the pending part of an array ``1-5:2,9%2``."""
+    ids: list[str] = []
+    for part in spec.split("%", 1)[0].split(","):
+        match = re.fullmatch(r"(\d+)(?:-(\d+)(?::(\d+))?)?", part.strip())
+        if not match:
+            continue
+        first, last, stride = match.group(1), match.group(2), match.group(3)
+        if last is None:
+            ids.append(first)
+        else:
+            ids += [str(i) for i in range(int(first), int(last) + 1, int(stride or 1))]
+    return ids
+
+
+def job_snapshot(job_ids: Iterable[str]) -> dict[str, JobState]:
+    """SLURM's view of many jobs with one ``scontrol`` call (and one ``sacct`` for those the
+    controller has forgotten): ``{id: JobState}``; an array task is ``<array>_<task>``, also
+    while it is still pending inside the array's record. Ids SLURM does not know are
+    missing; so is everything when SLURM's commands are not on PATH."""
+    wanted = {str(j) for j in job_ids if j}
+    if not wanted:
+        return {}
+    found: dict[str, JobState] = {}
+    proc = _run(["scontrol", "-o", "show", "job"])
+    if proc is not None and proc.returncode == 0:
+        for rec in _parse_scontrol(proc.stdout):
+            if "JobId" not in rec:
+                continue
+            array, task = rec.get("ArrayJobId"), rec.get("ArrayTaskId")
+            names = [f"{array}_{t}" for t in _task_ids(task)] if array and task else [rec["JobId"]]
+            if array and task and len(names) == 1:
+                names.append(rec["JobId"])  # a task that runs has a job id of its own too
+            for name in names:
+                found[name] = JobState(
+                    job_id=name,
+                    state=rec.get("JobState", "UNKNOWN"),
+                    requeues=int(rec["Restarts"]) if rec.get("Restarts", "").isdigit() else None,
+                    nodes=rec.get("NodeList") if rec.get("NodeList") not in (None, "(null)") else None,
+                    exit_code=rec.get("ExitCode"),
+                    reason=rec.get("Reason") if rec.get("Reason") not in (None, "None") else None,
+                )
+    missing = sorted(wanted - found.keys())
+    if missing:
+        proc = _run(["sacct", "-n", "-P", "-X", "-j", ",".join(missing), "-o", "JobID,State,ExitCode,NodeList"])
+        if proc is not None and proc.returncode == 0:
+            for line in proc.stdout.splitlines():
+                parts = line.split("|")
+                if len(parts) == 4 and parts[0] in wanted:
+                    found[parts[0]] = JobState(
+                        job_id=parts[0], state=parts[1].split()[0] if parts[1] else "UNKNOWN",
+                        exit_code=parts[2], nodes=parts[3], source="sacct",
+                    )
+    return {k: v for k, v in found.items() if k in wanted}
+
+
 def submitted_ids(run_dir: Path) -> list[str]:
     return [str(e["job_id"]) for e in read_events(run_dir) if e.get("event") == "submit" and e.get("job_id")]
 
@@ -125,7 +182,12 @@ def run_status(run_dir: Path) -> list[JobState]:
                 job.requeues = max(0, starts[job.job_id] - 1)  # incarnations that started, minus the first
             task_run = run_dir
             if e.get("array") and "_" in job.job_id:
-                task_run = run_dir.parent / f"{run_dir.name}-{job.job_id.split('_', 1)[1]}"
+                task = job.job_id.split("_", 1)[1]
+                points = e.get("points")
+                if isinstance(points, list) and task.isdigit() and int(task) < len(points):
+                    task_run = Path(points[int(task)])  # a sweep's array: task i trains point i
+                else:  # `slurm submit --array`: task i trains run '<run>-i'
+                    task_run = run_dir.parent / f"{run_dir.name}-{task}"
             ckpt = latest_checkpoint(task_run)
             job.run_dir = str(task_run)
             job.last_step = ckpt.step if ckpt is not None else None

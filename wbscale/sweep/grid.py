@@ -13,10 +13,17 @@ Points run one after another in this process through :func:`wbscale.train.fit.fi
 ``resume="auto"``: rerunning the same command skips finished points and resumes an
 interrupted one. A point that fails is recorded and the sweep goes on to the next.
 
-On a SLURM cluster (``--slurm``) each point is submitted as its own job with
-:func:`wbscale.slurm.submit.submit`. It is not one job array: ``wbscale slurm submit
---array`` trains *one* recipe with seeds 0..n-1, while the points of a grid differ in their
-recipe, and each job must train its own saved ``recipe.yaml`` to requeue safely.
+On a SLURM cluster (``--slurm``) the grid is ONE job array
+(:func:`wbscale.slurm.submit.submit_array`): task i trains point i, in its own run folder
+with its own saved ``recipe.yaml`` and wandb run, read from ``<sweep>/slurm/points.txt`` by
+``SLURM_ARRAY_TASK_ID``; ``--max-concurrent N`` is SLURM's ``%N``. Each task follows the
+preemption protocol of any job (checkpoint at the signal, ``scontrol requeue`` of that task,
+``--resume auto``). Rerunning the command submits only the points that are neither done nor
+submitted; ``wbscale sweep status`` shows every point's state from the run registry
+(:mod:`wbscale.runs`), and ``wbscale runs resubmit --failed`` heals the ones that died.
+
+Every point is registered in the run registry of the sweep folder (and of the runs folder
+above it) before anything runs, so ``wbscale runs`` lists the whole grid from the start.
 
 When an axis changes the data (a ``data.*`` key), every distinct data configuration gets its
 own ``data.out_dir`` (prepared data is reused by runs of the same configuration only).
@@ -131,9 +138,12 @@ class SweepSpec:
     axes: list[tuple[str, list[str]]] = field(default_factory=list)
     name: str | None = None
     out: str | None = None
+    seeds: int | None = None  # --seeds N: every point N times, train.seed = base + i, run '<point>-s<i>'
+    # --set ARCH:KEY=V1,V2 / --lr ARCH=V1,V2: (arch, key, values), for that architecture's points only
+    scoped: list[tuple[str, str, list[str]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if not self.axes:
+        if not self.axes and not _has_extra_axes(self):
             raise UserError(
                 "a sweep needs at least one axis: a --set KEY=V1,V2,… with two or more values "
                 "(or --arch crate,gpt2)"
@@ -143,6 +153,7 @@ class SweepSpec:
         if _slug(self.name) != self.name:
             raise UserError(f"--name {self.name!r}: use letters, digits and . + - only")
         self.base: Recipe = load_recipe(self.recipe, self.fixed)
+        _check_extra_axes(self)
 
     @property
     def out_dir(self) -> Path:
@@ -168,7 +179,7 @@ class SweepSpec:
                 overrides.append(f"data.out_dir={self.base.data.out_dir}-{suffix}")
             overrides += [f"train.runs_dir={self.out_dir}", f"train.run_name={name}"]
             points.append(Point(name, values, overrides))
-        return points
+        return expand_points(self, points)
 
     def command(self) -> str:
         """The ``wbscale sweep`` command line that reproduces this sweep."""
@@ -177,6 +188,7 @@ class SweepSpec:
             args += ["--arch", ",".join(values)] if key == "model.arch" else ["--set", f"{key}={','.join(values)}"]
         for item in self.fixed:
             args += ["--set", item]
+        args += _extra_axes_args(self)
         args += ["--name", str(self.name)]
         if self.out:
             args += ["--out", self.out]
@@ -188,6 +200,8 @@ class SweepSpec:
             "recipe": self.recipe,
             "fixed": list(self.fixed),
             "axes": [[k, list(v)] for k, v in self.axes],
+            "seeds": self.seeds,
+            "scoped": [[a, k, list(v)] for a, k, v in self.scoped],
             "command": self.command(),
         }
 
@@ -221,7 +235,7 @@ def _load_state(spec: SweepSpec, points: list[Point]) -> dict[str, Any]:
     by_name = {p["name"]: p for p in old.get("points", [])}
     for p in fresh["points"]:
         prior = by_name.get(p["name"], {})
-        for key in ("status", "seconds", "val_loss", "job_id", "error"):
+        for key in ("status", "seconds", "val_loss", "job_id", "array_job", "run_dir", "error"):
             if key in prior:
                 p[key] = prior[key]
     fresh["created"] = old.get("created", fresh["created"])
@@ -241,8 +255,12 @@ def run_sweep(
     dry_run: bool = False,
     progress: bool | None = None,
     fit_fn: Callable[..., Any] | None = None,
+    max_concurrent: int | None = None,
 ) -> SweepResult:
-    """Train (or submit) every point of ``spec``; ``sweep.json`` records each outcome."""
+    """Train (or submit, as one job array) every point of ``spec``; ``sweep.json`` records
+    each outcome. ``max_concurrent``: at most this many array tasks at once (``--slurm``)."""
+    if max_concurrent is not None and slurm is None:
+        raise UserError("--max-concurrent limits the tasks of a SLURM job array: use it with --slurm")
     points = spec.points()
     # Resolve every point before training any: a bad value fails now, not after an hour.
     recipes = []
@@ -261,8 +279,21 @@ def run_sweep(
         spec.out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, state)
     result = SweepResult(spec.out_dir, state["points"])
+    if not dry_run:
+        from wbscale.sweep.array import register_points
+
+        register_points(spec.out_dir, Path(spec.base.train.runs_dir), recipes, spec.recipe, str(spec.name))
     if slurm is not None:
-        _submit_points(spec, points, slurm, dry_run, state, result)
+        from wbscale.sweep.array import submit_points
+
+        script = submit_points(
+            state["points"], recipes, spec.out_dir, str(spec.name), spec.recipe, slurm, dry_run=dry_run,
+            max_concurrent=max_concurrent,
+        )
+        if script is not None:
+            result.scripts.append(script)
+        elif not dry_run:
+            atomic_write_json(path, state)
         return result
 
     if fit_fn is None:
@@ -308,19 +339,3 @@ def run_sweep(
         bar.close()
     return result
 
-
-def _submit_points(
-    spec: SweepSpec, points: list[Point], slurm: JobOptions, dry_run: bool, state: dict[str, Any], result: SweepResult
-) -> None:
-    from wbscale.slurm.submit import submit
-
-    path = spec.out_dir / SWEEP_FILE
-    for point, record in zip(points, state["points"], strict=True):
-        if record.get("status") in ("submitted", "done") and not dry_run:
-            continue
-        submitted = submit(spec.recipe, point.overrides, slurm, dry_run=dry_run)
-        if dry_run:
-            result.scripts.append(submitted.script)
-            continue
-        record.update(status="submitted", job_id=submitted.job_id, run_dir=str(submitted.run_dir))
-        atomic_write_json(path, state)

@@ -48,7 +48,13 @@ from wbscale.slurm.record import job_id_from_env
 from wbscale.train.datamodule import TokenDataModule
 from wbscale.train.module import LMModule
 from wbscale.train.parallel import parallelize
-from wbscale.train.trainer import accelerator_for, build_trainer, precision_for, quiet_lightning
+from wbscale.train.trainer import (
+    accelerator_for,
+    build_trainer,
+    check_kernels,
+    precision_for,
+    quiet_lightning,
+)
 
 
 @dataclass
@@ -248,6 +254,7 @@ def fit(recipe: Recipe, resume: str = "auto", progress: bool | None = None) -> F
     """Train (or resume) the run a recipe describes; returns where it ended."""
     quiet_lightning()
     accelerator = accelerator_for(recipe)  # before anything is written: a missing GPU is bad input
+    check_kernels(recipe, accelerator)
     if progress is None:
         progress = sys.stderr.isatty()
     run_dir = recipe.run_dir
@@ -275,11 +282,12 @@ def fit(recipe: Recipe, resume: str = "auto", progress: bool | None = None) -> F
 
     # One writer per run folder: global rank 0 holds the lock until fit returns or exits.
     with lock_run(run_dir) if is_rank_zero() else contextlib.nullcontext():
-        return _fit_locked(recipe, run_dir, data_dir, tokenizer_sha, ckpt, progress)
+        return _fit_locked(recipe, run_dir, data_dir, tokenizer_sha, ckpt, progress, accelerator)
 
 
 def _fit_locked(
-    recipe: Recipe, run_dir: Path, data_dir: Path, tokenizer_sha: str, ckpt: CheckpointInfo | None, progress: bool
+    recipe: Recipe, run_dir: Path, data_dir: Path, tokenizer_sha: str, ckpt: CheckpointInfo | None,
+    progress: bool, accelerator: str,
 ) -> FitResult:
     if is_rank_zero():
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,17 @@ def accelerator_for(recipe: Recipe) -> str:
     return accelerator
 
 
+def check_kernels(recipe: Recipe, accelerator: str) -> None:
+    """Refuse, before anything is written, a kernel choice this machine cannot run."""
+    import os
+
+    if recipe.model.ista_kernel == "triton" and accelerator == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UserError(
+            "model.ista_kernel: triton needs a CUDA GPU (or TRITON_INTERPRET=1 to run the kernels, slowly, "
+            "on the CPU); use model.ista_kernel: auto or eager here"
+        )
+
+
 def precision_for(recipe: Recipe, accelerator: str) -> str:
     """Lightning's precision string: the recipe's, or bf16-mixed on a GPU that supports it."""
     if recipe.train.precision != "auto":

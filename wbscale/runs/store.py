@@ -1,0 +1,311 @@
+"""The registry on disk: per-run event files, progress snapshots, membership files, index.
+
+Layout (no server, no database; plain files that any number of jobs may write at once)::
+
+    <run_dir>/events/<time_ns>-<event>-<host>-<pid>-<n>.json   one file per event, never rewritten
+    <run_dir>/progress.json                                    the trainer's latest step + heartbeat
+    <runs_dir>/.registry/runs/<run path>.json                  one membership file per run
+    <runs_dir>/.registry/index.json                            what the last reader derived (a cache)
+
+Why concurrent writers cannot corrupt or lose anything, on a local disk or a shared
+filesystem (NFS, Lustre, GPFS) with many jobs writing at once:
+
+- No file is ever appended to or written in place by two processes. Every event is its own
+  file, named by time, host, pid and a per-process counter, so two writers never pick the
+  same name; it is written to a private temp name, fsynced and renamed into place (rename
+  is atomic on POSIX filesystems and on NFS), so a reader sees a whole event or none.
+  (O_APPEND to one shared file is not atomic across NFS clients: lines from two nodes can
+  overwrite each other. That is why events are not lines of one file.)
+- ``progress.json`` has a single writer (global rank 0 of the run, which holds the run
+  lock) and is replaced by rename: the newest snapshot wins, an older one is worth nothing.
+- A membership file is written the same way by whoever first sees the run (``fit``, a
+  sweep, ``slurm submit``'s folder found by a reader); all writers of one run's file write
+  the same path, so the last rename wins and nothing is lost.
+- ``index.json`` is derived data, written (by rename) only by readers: losing it, or two
+  readers racing to write it, costs nothing. :func:`rebuild` re-creates the whole
+  ``.registry`` from the run folders (their ``recipe.yaml``, ``events/`` and
+  ``slurm_jobs.jsonl``) when it is lost.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote
+
+REGISTRY_DIR = ".registry"
+MEMBERS_DIR = "runs"
+INDEX_FILE = "index.json"
+EVENTS_DIR = "events"
+PROGRESS_FILE = "progress.json"
+# Files a run folder has that tell a run from another folder (sweep folders have sweep.json).
+RUN_MARKERS = ("recipe.yaml", EVENTS_DIR, "slurm_jobs.jsonl")
+NOT_RUNS = {"checkpoints", "wandb", "slurm", "plots", EVENTS_DIR, REGISTRY_DIR, "bimt-pruned"}
+SHALLOW_DEPTH = 1  # every read looks for unregistered run folders this deep (cheap)
+REBUILD_DEPTH = 3  # runs/sweeps/<name>/<point>
+_SEQ = itertools.count()
+_SAFE = re.compile(r"[^A-Za-z0-9.+-]+")
+
+
+def host() -> str:
+    return socket.gethostname()
+
+
+def _write_file(path: Path, data: bytes, sync: bool = True) -> None:
+    """Write ``path`` whole through a temp name unique to this host and process, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{_SAFE.sub('_', host())}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if sync:
+        try:
+            fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass  # some filesystems cannot fsync a directory; the rename is done either way
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+
+
+# ---------------------------------------------------------------------------- events
+
+
+def write_event(run_dir: Path, event: str, **fields: Any) -> dict[str, Any]:
+    """Record one event of a run (its own file under ``<run_dir>/events/``); returns it."""
+    now = time.time()
+    row = {
+        "event": event,
+        "time": now,
+        "iso": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(now)),
+        "host": host(),
+        "pid": os.getpid(),
+        **fields,
+    }
+    name = f"{time.time_ns():020d}-{event}-{_SAFE.sub('_', host())}-{os.getpid()}-{next(_SEQ)}.json"
+    _write_file(Path(run_dir) / EVENTS_DIR / name, (json.dumps(row, sort_keys=True, default=str) + "\n").encode())
+    return row
+
+
+def read_events(run_dir: Path) -> list[dict[str, Any]]:
+    """Every event of a run, oldest first (unreadable or half-written files are skipped)."""
+    folder = Path(run_dir) / EVENTS_DIR
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".json") and not n.startswith("."))
+    except OSError:
+        return []
+    rows = []
+    for name in names:
+        row = _read_json(folder / name)
+        if isinstance(row, dict) and isinstance(row.get("event"), str):
+            row.setdefault("time", 0.0)
+            rows.append(row)
+    return sorted(rows, key=lambda r: float(r.get("time") or 0.0))
+
+
+def write_progress(run_dir: Path, progress: dict[str, Any]) -> None:
+    """The trainer's latest progress (one writer: global rank 0). Not fsynced: a lost
+    snapshot is replaced by the next one."""
+    row = {"time": time.time(), "host": host(), "pid": os.getpid(), **progress}
+    _write_file(Path(run_dir) / PROGRESS_FILE, (json.dumps(row, sort_keys=True, default=str) + "\n").encode(), sync=False)
+
+
+def read_progress(run_dir: Path) -> dict[str, Any]:
+    row = _read_json(Path(run_dir) / PROGRESS_FILE)
+    return row if isinstance(row, dict) else {}
+
+
+# ---------------------------------------------------------------------------- membership
+
+
+def registry_dir(runs_dir: Path) -> Path:
+    return Path(runs_dir) / REGISTRY_DIR
+
+
+def _member_path(runs_dir: Path, rel: str) -> Path:
+    return registry_dir(runs_dir) / MEMBERS_DIR / f"{quote(rel, safe='')}.json"
+
+
+def relative_name(runs_dir: Path, run_dir: Path) -> str:
+    """The run's name in a registry: its folder relative to the runs folder (``a`` or
+    ``sweeps/grid/crate-L2``)."""
+    rel = os.path.relpath(Path(run_dir).resolve(), Path(runs_dir).resolve())
+    return Path(rel).as_posix()
+
+
+def register(runs_dir: Path, run_dir: Path, **info: Any) -> dict[str, Any]:
+    """Make ``run_dir`` a member of the registry of ``runs_dir`` (idempotent).
+
+    ``info`` (``recipe``, ``sweep``, …) fills what the membership does not say yet; a value
+    already recorded is kept. Nothing is written when nothing is new.
+    """
+    rel = relative_name(runs_dir, run_dir)
+    path = _member_path(runs_dir, rel)
+    old = _read_json(path)
+    old = old if isinstance(old, dict) else {}
+    row = {"run_dir": rel, "name": Path(rel).name, "registered": old.get("registered") or time.time(), **old}
+    for key, value in info.items():
+        if value is not None and row.get(key) in (None, ""):
+            row[key] = value
+    if row != old:
+        _write_file(path, (json.dumps(row, sort_keys=True, default=str) + "\n").encode())
+    return row
+
+
+def members(runs_dir: Path) -> dict[str, dict[str, Any]]:
+    """``{relative name: membership}`` of every run in the registry of ``runs_dir``."""
+    folder = registry_dir(runs_dir) / MEMBERS_DIR
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return {}
+    found = {}
+    for name in sorted(names):
+        if name.startswith(".") or not name.endswith(".json"):
+            continue
+        row = _read_json(folder / name)
+        rel = unquote(name[: -len(".json")])
+        if not isinstance(row, dict):
+            row = {"run_dir": rel, "name": Path(rel).name}  # torn by hand: the name is enough
+        found[rel] = row
+    return found
+
+
+def unregister(runs_dir: Path, rel: str) -> None:
+    _member_path(runs_dir, rel).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------- scanning
+
+
+def is_run_folder(path: Path) -> bool:
+    """A folder a run trains into (not a sweep folder, nor a ``slurm submit --array`` parent)."""
+    if not path.is_dir() or path.name in NOT_RUNS or path.name.startswith("."):
+        return False
+    if (path / "sweep.json").is_file():
+        return False
+    if not any((path / m).exists() for m in RUN_MARKERS):
+        return False
+    return (path / EVENTS_DIR).is_dir() or not _only_array_parent(path)
+
+
+def _only_array_parent(path: Path) -> bool:
+    """``slurm submit --array`` writes the array's record in ``runs/<run>/`` while its tasks
+    train ``runs/<run>-<i>/``: such a folder holds no training of its own."""
+    jobs = path / "slurm_jobs.jsonl"
+    if not jobs.is_file() or (path / "checkpoints").exists() or (path / "metrics.jsonl").exists():
+        return False
+    submits = []
+    for line in jobs.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and row.get("event") == "submit":
+            submits.append(row)
+    return bool(submits) and all(s.get("array") and not s.get("points") for s in submits)
+
+
+def scan(runs_dir: Path, depth: int) -> Iterator[Path]:
+    """Run folders under ``runs_dir``, at most ``depth`` levels down (a run folder's own
+    sub-folders are not searched)."""
+    root = Path(runs_dir)
+    if not root.is_dir():
+        return
+    frontier = [root]
+    for _ in range(depth):
+        nxt = []
+        for folder in frontier:
+            try:
+                children = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+            except OSError:
+                continue
+            for child in children:
+                if child.name in NOT_RUNS:
+                    continue
+                if is_run_folder(child):
+                    yield child
+                else:
+                    nxt.append(child)
+        frontier = nxt
+
+
+def discover(runs_dir: Path, depth: int = SHALLOW_DEPTH) -> list[str]:
+    """Register run folders the registry does not know yet; returns their names."""
+    known = members(runs_dir)
+    added = []
+    for run in scan(runs_dir, depth):
+        rel = relative_name(runs_dir, run)
+        if rel not in known:
+            register(runs_dir, run, **_info_from_folder(run))
+            added.append(rel)
+    return added
+
+
+def _info_from_folder(run: Path) -> dict[str, Any]:
+    """What a run folder says about where it came from (the submit record's recipe)."""
+    jobs = run / "slurm_jobs.jsonl"
+    if jobs.is_file():
+        for line in jobs.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and row.get("event") == "submit" and row.get("recipe"):
+                return {"recipe": row["recipe"], "sweep": row.get("sweep")}
+    return {}
+
+
+def rebuild(runs_dir: Path, depth: int = REBUILD_DEPTH) -> list[str]:
+    """Re-create the registry from the run folders (after it was lost or damaged); drops
+    memberships whose folder is gone. Returns every member's name."""
+    for rel in list(members(runs_dir)):
+        if not (Path(runs_dir) / rel).is_dir():
+            unregister(runs_dir, rel)
+    discover(runs_dir, depth)
+    write_index(runs_dir, {})
+    return sorted(members(runs_dir))
+
+
+# ---------------------------------------------------------------------------- index
+
+
+def read_index(runs_dir: Path) -> dict[str, Any]:
+    data = _read_json(registry_dir(runs_dir) / INDEX_FILE)
+    return data if isinstance(data, dict) and isinstance(data.get("runs"), dict) else {"runs": {}}
+
+
+def write_index(runs_dir: Path, rows: dict[str, dict[str, Any]]) -> bool:
+    """Replace the index with what a reader derived; False when the folder is read-only."""
+    try:
+        _write_file(
+            registry_dir(runs_dir) / INDEX_FILE,
+            (json.dumps({"updated": time.time(), "runs": rows}, sort_keys=True, default=str) + "\n").encode(),
+            sync=False,
+        )
+    except OSError:
+        return False
+    return True
