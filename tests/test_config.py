@@ -64,3 +64,54 @@ def test_yaml_round_trip(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(r.to_yaml())
     assert load_recipe(str(path)) == r
+
+
+# ---------------------------------------------------------------------------- --set text values
+
+
+@pytest.mark.parametrize(
+    "override, section, key, want",
+    [
+        ("data.separator=\n", "data", "separator", "\n"),  # --set data.separator=$'\n'
+        (r"data.separator=\n\n", "data", "separator", "\n\n"),  # --set 'data.separator=\n\n'
+        ('data.separator="\\n\\n"', "data", "separator", "\n\n"),  # a YAML double-quoted string
+        (r"data.separator=\t\\x", "data", "separator", "\t\\x"),
+        ("data.separator=<|endoftext|>", "data", "separator", "<|endoftext|>"),
+        ("slurm.preemption=on", "slurm", "preemption", "on"),  # YAML would read a boolean
+        ("slurm.preemption=off", "slurm", "preemption", "off"),
+        ("train.run_name=123", "train", "run_name", "123"),
+        ("train.run_name=yes", "train", "run_name", "yes"),
+        ("data.hf_config=null", "data", "hf_config", None),
+        ("data.hf_config=~", "data", "hf_config", None),
+        ("data.hf_config=en", "data", "hf_config", "en"),
+        (r"data.source=C:\data\x.txt", "data", "source", r"C:\data\x.txt"),  # unknown escapes stay
+        ("train.precision=32", "train", "precision", "32"),
+        ("data.split=position", "data", "split", "position"),
+    ],
+)
+def test_set_gives_text_fields_the_text_as_typed(override, section, key, want):
+    r = load_recipe("demo", [override])
+    assert getattr(getattr(r, section), key) == want
+
+
+def test_set_keeps_yaml_for_numbers_lists_and_null():
+    r = load_recipe("demo", ["optim.max_lr=3e-4", "train.sample_prompts=[a, b]", "data.max_documents=null",
+                             "train.compile=true"])
+    assert (r.optim.max_lr, r.train.sample_prompts, r.data.max_documents, r.train.compile) == (3e-4, ["a", "b"], None, True)
+    assert load_recipe("demo", ["tracking.wandb.tags=on"]).tracking.wandb.tags == ["on"]  # one item of a text list
+
+
+def test_on_off_in_a_recipe_file_mean_the_words_for_a_choice():
+    assert recipe_from_dict({"slurm": {"preemption": True}}).slurm.preemption == "on"
+    assert recipe_from_dict({"slurm": {"preemption": False}}).slurm.preemption == "off"
+
+
+def test_an_empty_separator_in_a_recipe_file_says_how_to_quote_it():
+    with pytest.raises(UserError, match=r"data.separator: expected a string, got nothing.*quote it"):
+        recipe_from_dict({"data": {"separator": None}})
+
+
+def test_char_tokenizer_does_not_use_data_vocab_size():
+    assert load_recipe("demo", ["data.tokenizer=char"]).data.tokenizer == "char"
+    with pytest.raises(UserError, match="data.vocab_size .65. is not used with data.tokenizer: char"):
+        load_recipe("demo", ["data.tokenizer=char", "data.vocab_size=65"])

@@ -209,6 +209,28 @@ def test_train_and_generate_helpers_on_cpu(arch):
     assert gen["generated"] == 3 and gen["tokens_per_s"] > 0 and gen["autotune_runs"] == 0
 
 
+def test_compile_jobs_and_save_mode_agreement_on_cpu():
+    """The compile stage's dry run (nothing launches) and the correctness stage's mode check."""
+    gs = gpu_stages()
+    from wbscale.kernels import ista_triton as it
+
+    if not it._INTERPRET:  # pragma: no cover - imported without the interpreter
+        pytest.skip("needs the Triton interpreter on CPU")
+    plan = [
+        dict(variant=v, t=8, d=16, dtype="bf16", save="x_u") for v in ("overcomplete", "square")
+    ]
+    jobs = gs.collect_jobs(plan, "cpu")
+    assert jobs and all(set(j) == {"args", "kwargs"} for j in jobs.values())
+    assert len(jobs) == len({it.job_key(j) for j in jobs.values()})
+    assert any(j["kwargs"]["NUM_SEG"] == 4 for j in jobs.values())  # the overcomplete gW
+    assert it.tuned_configs() == []  # a dry run tunes nothing
+    import torch
+
+    row = gs.save_mode_agreement("overcomplete", 8, 16, torch.float32, "cpu")
+    assert row["ok"], row
+    assert row["x_u"]["y_equal"] and row["x"]["gx_equal"]
+
+
 def gpu_stages():
     from wbscale.bench import gpu_stages as module
 

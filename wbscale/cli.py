@@ -178,6 +178,27 @@ def cmd_ckpt_consolidate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ckpt_export(args: argparse.Namespace) -> int:
+    from wbscale.ckpt.export_hf import export_hf
+
+    print(export_hf(Path(args.path), Path(args.out), dtype=args.dtype, tokenizer=args.tokenizer))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from wbscale.evaluate.harness import evaluate_tasks
+
+    result = evaluate_tasks(
+        args.path, args.tasks.split(","), device=_device(args.device), batch_size=args.batch_size,
+        limit=args.limit, dtype=args.dtype, num_fewshot=args.num_fewshot, include_path=args.include_path,
+        out=args.out, tokenizer=args.tokenizer, wandb_log=not args.no_wandb,
+    )
+    print(result["table"], end="")
+    logged = f"; logged to the run's wandb ({result['wandb']})" if result["wandb"] else ""
+    print(f"wbscale: results written to {result['path']}{logged}", file=sys.stderr)
+    return 0
+
+
 def cmd_recipes_check(args: argparse.Namespace) -> int:
     from wbscale.train.memory import check_recipe, format_report
 
@@ -237,6 +258,18 @@ def cmd_bench_bimt(args: argparse.Namespace) -> int:
     from wbscale.bench.bimt import bench_bimt
 
     print(json.dumps(bench_bimt(_device(args.device), top_k=args.top_k, batch=args.batch, seq=args.seq), indent=2))
+    return 0
+
+
+def cmd_bench_generate(args: argparse.Namespace) -> int:
+    from wbscale.bench.generate import bench_generate
+
+    result = bench_generate(
+        archs=[a.strip() for a in args.arch.split(",") if a.strip()], n_layer=args.n_layer, n_embd=args.n_embd,
+        n_head=args.n_head, block_size=args.block_size, vocab_size=args.vocab_size, max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size, repeats=args.repeats, device=_device(args.device),
+    )
+    print(json.dumps(result, indent=2))
     return 0
 
 
@@ -597,6 +630,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="export folder to write (model.safetensors, recipe.yaml, tokenizer.json)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.set_defaults(func=cmd_ckpt_consolidate)
+    p = ckpt.add_parser(
+        "export", help="a run or checkpoint -> a Hugging Face folder (GPT-2: GPT2LMHeadModel; CRATE: trust_remote_code)"
+    )
+    p.add_argument("path", metavar="RUN_OR_CKPT", help="run folder, checkpoint folder, or export folder")
+    p.add_argument("--format", required=True, choices=["hf"], help="hf: a transformers folder (config.json, model.safetensors, tokenizer)")
+    p.add_argument("--out", required=True, help="folder to write (written beside it, then renamed into place)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="weights dtype (default: the checkpoint's)")
+    p.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's)")
+    p.set_defaults(func=cmd_ckpt_export)
+
+    p = sub.add_parser(
+        "evaluate", parents=[device_args], help="lm-evaluation-harness tasks (hellaswag, arc_easy, …) on a checkpoint",
+        description="Runs lm-eval tasks on a run, checkpoint or export folder (needs pip install 'wbscale[eval]'); "
+        "writes <run>/eval/lm-eval-<time>.json and logs to the run's wandb run when it has one.",
+    )
+    p.add_argument("path", metavar="RUN_OR_CKPT", help="run folder, checkpoint folder, or export folder")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks, e.g. hellaswag,lambada_openai,arc_easy")
+    p.add_argument("--batch-size", default="1", help="sequences per forward pass (default 1; auto: 16)")
+    p.add_argument("--limit", type=float, help="at most this many examples per task (< 1: a fraction)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="default: the checkpoint's")
+    p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's)")
+    p.add_argument("--include-path", action="append", metavar="DIR", help="folder of extra task YAMLs (repeatable)")
+    p.add_argument("--out", help="JSON file to write (default: <run>/eval/lm-eval-<time>.json)")
+    p.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's)")
+    p.add_argument("--no-wandb", action="store_true", help="do not log the results to the run's wandb run")
+    p.set_defaults(func=cmd_evaluate)
 
     bench = sub.add_parser("bench", help="benchmarks: kernels, train, data, bimt, interpret").add_subparsers(
         dest="bench_command", required=True
@@ -639,6 +698,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="sequences per train step (default 1)")
     p.add_argument("--seq", type=int, default=1024, help="tokens per sequence (default 1024)")
     p.set_defaults(func=cmd_bench_bimt)
+    p = bench.add_parser(
+        "generate", parents=[device_args],
+        help="generate() tokens/s with and without the attention cache, CRATE vs GPT-2 at one shape (JSON)",
+    )
+    p.add_argument("--arch", default="crate,gpt2", help="comma-separated architectures (default crate,gpt2)")
+    p.add_argument("--n-layer", type=_positive_int, default=4)
+    p.add_argument("--n-embd", type=_positive_int, default=128)
+    p.add_argument("--n-head", type=_positive_int, default=4)
+    p.add_argument("--block-size", type=_positive_int, default=128)
+    p.add_argument("--vocab-size", type=_positive_int, default=2048)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    p.add_argument("--batch-size", type=_positive_int, default=1)
+    p.add_argument("--repeats", type=_positive_int, default=3)
+    p.set_defaults(func=cmd_bench_generate)
     p = bench.add_parser(
         "interpret", parents=[device_args],
         help="`interpret collect` throughput vs a plain forward over the same tokens (JSON)",

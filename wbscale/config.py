@@ -118,6 +118,7 @@ class TrainConfig:
     sample_max_new_tokens: int = 64
     sample_temperature: float = 0.8
     sample_top_k: int = 40
+    sample_top_p: float = 1.0  # nucleus sampling; 1 = off
 
 
 @dataclass
@@ -574,6 +575,7 @@ def validate(r: Recipe) -> None:
     _check(t.sample_max_new_tokens >= 0, "train.sample_max_new_tokens must be >= 0")
     _check(t.sample_temperature > 0, f"train.sample_temperature must be > 0 (got {t.sample_temperature})")
     _check(t.sample_top_k >= 0, f"train.sample_top_k must be >= 0 (got {t.sample_top_k}); 0 = no top-k filtering")
+    _check(0 < t.sample_top_p <= 1, f"train.sample_top_p must be in (0, 1] (got {t.sample_top_p}); 1 = off")
     _check(r.tracking.metrics_every >= 0, "tracking.metrics_every must be >= 0 (0 disables)")
     _check(dist.zero_stage in (1, 2, 3), f"distributed.zero_stage must be 1, 2 or 3 (got {dist.zero_stage})")
     _check(dist.devices >= 1 and dist.nodes >= 1, "distributed.devices and distributed.nodes must be >= 1")

@@ -303,6 +303,8 @@ def save_mode_agreement(variant: str, t: int, d: int, dtype: torch.dtype, device
         results[save] = (y.detach(), xr.grad, wr.grad)
     row: dict[str, Any] = {"variant": variant, "tokens": t, "d": d, "dtype": str(dtype)}
     ref = results["all"]
+    # the weight gradient in bf16: a different atomic order may flip the last bit of a few
+    gw_tol = 1e-5 if dtype == torch.float32 else 8e-3
     ok = True
     for save in ("x_u", "x"):
         y, gx, gw = results[save]
@@ -312,7 +314,7 @@ def save_mode_agreement(variant: str, t: int, d: int, dtype: torch.dtype, device
             "gx_equal": bool(torch.equal(gx, ref[1])),
             "gw_rel_err": gw_err,
         }
-        ok &= row[save]["y_equal"] and row[save]["gx_equal"] and gw_err < 1e-5
+        ok &= row[save]["y_equal"] and row[save]["gx_equal"] and gw_err < gw_tol
     row["ok"] = bool(ok)
     return row
 

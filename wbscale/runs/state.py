@@ -696,7 +696,11 @@ def format_show(row: RunRow, events: list[dict[str, Any]]) -> str:
     for key, value in row.to_dict().items():
         if key in ("name", "run_dir") or value in (None, [], ""):
             continue
-        lines.append(f"  {key:18s} {', '.join(value) if isinstance(value, list) else value}")
+        if isinstance(value, list):
+            value = ", ".join(value)
+        elif isinstance(value, float):
+            value = f"{value:.4g}" if key != "updated" else time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(value))
+        lines.append(f"  {key:18s} {value}")
     lines.append("history:")
     for e in events:
         stamp = e.get("iso") or time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(float(e.get("time") or 0)))

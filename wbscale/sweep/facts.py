@@ -10,6 +10,9 @@ Two counts are kept:
   Sec. 2.1), the count that makes small models of different vocabularies comparable. It is
   *not* ``LanguageModel.num_params()``, which (as nanoGPT) drops the position table only.
 
+The vocabulary is the model's ``vocab_size``, else the tokenizer's padded to a multiple of
+64 (``data.tokenizer: char``: the prepared folder's characters, 128 before it is prepared).
+
 Tokens are what the run will see: ``max_steps x micro_batch x grad_accum x block_size x
 devices x nodes``. Training compute is ``flops_per_token(block_size) x tokens`` with the
 model's own FLOP count (forward + backward, attention included; ``LanguageModel``).
@@ -23,8 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wbscale.config import Recipe, resolve_recipe_path
-from wbscale.sizing import tokens_per_step
+from wbscale.data.tokenizer import CHAR, expected_vocab_size
+from wbscale.sizing import padded_vocab, tokens_per_step
 
+# data.tokenizer: char before the text is read: a vocabulary of at most 128 (plain text has
+# fewer than 126 distinct characters); the prepared folder's tokenizer replaces the guess.
+CHAR_VOCAB_UNPREPARED = 128
 _TARGET_LINE = re.compile(r"^#\s*target\s*:\s*(.*)$", re.IGNORECASE)
 _NUMBER = re.compile(r"(?<![\w.])(\d+\.\d+|\d+)(?![\w.])")
 
@@ -53,6 +60,9 @@ def recipe_facts(recipe: Recipe) -> RunFacts:
     from wbscale.train.memory import _resolved_vocab  # the vocabulary rule `recipes check` uses
 
     vocab, _ = _resolved_vocab(recipe)
+    if not recipe.model.vocab_size and recipe.data.tokenizer == CHAR:
+        # the character set is known once the text is read: the prepared folder's, else a guess
+        vocab = padded_vocab(expected_vocab_size(recipe.data) or CHAR_VOCAB_UNPREPARED)
     cfg = dataclasses.replace(recipe.model, vocab_size=vocab, pretrained=None, ista_kernel="eager")
     with torch.device("meta"):
         model = build_model(cfg)

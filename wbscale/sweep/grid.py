@@ -50,6 +50,14 @@ from wbscale.io import atomic_write_json
 from wbscale.provenance import report_environment
 from wbscale.ranks import say
 from wbscale.slurm.site import JobOptions
+from wbscale.sweep.axes import (
+    check_extra_axes,
+    expand_points,
+    extra_axes_args,
+    has_extra_axes,
+    lr_item,
+    scoped_item,
+)
 
 SWEEP_FILE = "sweep.json"
 # Short names for the usual axes, so point names stay readable: crate-L4-d128.
@@ -116,6 +124,32 @@ def parse_grid(sets: list[str], arch: str | None = None) -> tuple[list[str], lis
     return fixed, axes
 
 
+def parse_scoped(sets: list[str], lrs: list[str] | None = None) -> tuple[list[str], list[tuple[str, str, list[str]]]]:
+    """``--set`` items and ``--lr`` values -> (plain ``--set`` items, scoped ``(arch, key, values)``).
+
+    ``ARCH:KEY=V1,V2`` applies to the ``model.arch: ARCH`` points only; ``--lr ARCH=V1,V2``
+    is ``ARCH:optim.max_lr=V1,V2`` and ``--lr V1,V2`` is ``optim.max_lr=V1,V2``
+    (:mod:`wbscale.sweep.axes`).
+    """
+    plain: list[str] = []
+    scoped: list[tuple[str, str, list[str]]] = []
+    for item in [*sets, *(lr_item(lr) for lr in lrs or [])]:
+        parts = scoped_item(item)
+        if parts is None:
+            plain.append(item)
+            continue
+        arch, key, raw = parts
+        values = split_values(raw)
+        parse_overrides([f"{key}={v}" for v in values])  # same syntax checks as a plain --set
+        scoped.append((arch, key, values))
+    return plain, scoped
+
+
+def _axis_label(key: str, value: str) -> str:
+    """The part of a point's name an axis value gives: ``lr2e-3``, ``L4``."""
+    return f"{_SHORT.get(key, key.rsplit('.', 1)[-1])}{_slug(value)}"
+
+
 def _slug(text: str) -> str:
     return _UNSAFE.sub("_", text).strip("_") or "x"
 
@@ -143,7 +177,7 @@ class SweepSpec:
     scoped: list[tuple[str, str, list[str]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if not self.axes and not _has_extra_axes(self):
+        if not self.axes and not has_extra_axes(self):
             raise UserError(
                 "a sweep needs at least one axis: a --set KEY=V1,V2,… with two or more values "
                 "(or --arch crate,gpt2)"
@@ -153,7 +187,7 @@ class SweepSpec:
         if _slug(self.name) != self.name:
             raise UserError(f"--name {self.name!r}: use letters, digits and . + - only")
         self.base: Recipe = load_recipe(self.recipe, self.fixed)
-        _check_extra_axes(self)
+        check_extra_axes(self)
 
     @property
     def out_dir(self) -> Path:
@@ -179,7 +213,7 @@ class SweepSpec:
                 overrides.append(f"data.out_dir={self.base.data.out_dir}-{suffix}")
             overrides += [f"train.runs_dir={self.out_dir}", f"train.run_name={name}"]
             points.append(Point(name, values, overrides))
-        return expand_points(self, points)
+        return expand_points(self, points, _axis_label)
 
     def command(self) -> str:
         """The ``wbscale sweep`` command line that reproduces this sweep."""
@@ -188,7 +222,7 @@ class SweepSpec:
             args += ["--arch", ",".join(values)] if key == "model.arch" else ["--set", f"{key}={','.join(values)}"]
         for item in self.fixed:
             args += ["--set", item]
-        args += _extra_axes_args(self)
+        args += extra_axes_args(self)
         args += ["--name", str(self.name)]
         if self.out:
             args += ["--out", self.out]

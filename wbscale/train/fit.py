@@ -199,6 +199,7 @@ def build_callbacks(recipe: Recipe, run_dir: Path, data_dir: Path, meta: dict[st
                 max_new_tokens=t.sample_max_new_tokens,
                 temperature=t.sample_temperature,
                 top_k=t.sample_top_k,
+                top_p=t.sample_top_p,
                 every=t.sample_every,
                 out_path=run_dir / "samples.jsonl",
             )

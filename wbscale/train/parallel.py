@@ -40,7 +40,7 @@ def parallelize(
 def apply_activation_checkpointing(model: nn.Module) -> None:
     """Wrap each transformer block's ``forward`` so its activations are recomputed in backward.
 
-    Calls that record white-box tensors (``record=`` given) run unwrapped.
+    Calls that record white-box tensors or decode with a cache run unwrapped.
     """
     blocks = getattr(getattr(model, "transformer", None), "h", None)
     if blocks is None:
@@ -57,10 +57,13 @@ def _checkpointed(forward):
 
     @functools.wraps(forward)
     def wrapped(x: torch.Tensor, *args: Any, **kwargs: Any):
-        if args or kwargs.get("record") is not None or not torch.is_grad_enabled():
+        # Blocks are called as block(x, record, cache): recording white-box tensors or
+        # decoding with a cache (any of them given) and no-grad calls run unwrapped.
+        extras = [*args, *kwargs.values()]
+        if any(a is not None for a in extras) or not torch.is_grad_enabled():
             return forward(x, *args, **kwargs)
         # Non-reentrant: works with ZeRO-3's parameter hooks and with torch.compile.
-        return checkpoint(forward, x, use_reentrant=False, **kwargs)
+        return checkpoint(forward, x, use_reentrant=False)
 
     return wrapped
 
