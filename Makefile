@@ -54,9 +54,13 @@ slurm-down:
 	bash slurm/local_cluster.sh down
 
 # `make gpu-check`: the whole GPU proof in one command (<= 8 min; results under bench/results/).
-# On the GPU image wbscale is installed with `pip install --no-deps -e .` and no venv is made,
-# so this target takes the venv's wbscale when there is one and the one on PATH otherwise.
+# On the GPU image there is no venv and no internet: wbscale is installed there, once, with
+# `pip install --no-deps --no-build-isolation -e .` into the image's Python (which has torch,
+# triton, lightning, transformers, tokenizers, safetensors); here the venv's is used.
 GPU_CHECK_ARGS ?=
+GPU_PYTHON := $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 .PHONY: gpu-check
 gpu-check:
-	$(if $(wildcard $(BIN)/wbscale),$(BIN)/wbscale,wbscale) bench gpu $(GPU_CHECK_ARGS)
+	@$(GPU_PYTHON) -c "import wbscale.kernels, wbscale.bench.gpu" 2>/dev/null || \
+		$(GPU_PYTHON) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(GPU_PYTHON) -m wbscale.cli bench gpu $(GPU_CHECK_ARGS)

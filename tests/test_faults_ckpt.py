@@ -158,6 +158,14 @@ def wait_for_step(run_dir: Path, step: int, child: Child, timeout: float = 120) 
     raise AssertionError(f"no step {step} after {timeout} s")
 
 
+def assert_one_error_line(err: str, *needles: str) -> None:
+    """The command failed with one ``wbscale: error:`` line naming ``needles``, no traceback."""
+    errors = [line for line in err.splitlines() if line.startswith("wbscale: error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in errors[0], f"{needle!r} not in {errors[0]!r}"
+
+
 def flip_byte(path: Path, where: float = 0.5) -> None:
     data = bytearray(path.read_bytes())
     data[int(len(data) * where)] ^= 0x01
@@ -233,7 +241,8 @@ def test_checksums_name_the_corrupt_file(tmp_path):
     meta = json.loads((path / "meta.json").read_text())
     meta["samples"] = 12345  # an edited or bit-flipped value, still valid JSON
     (path / "meta.json").write_text(json.dumps(meta))
-    assert "meta.json: checksum mismatch" in checkpoint_problems(read_checkpoint(path))[0]
+    with pytest.raises(UserError, match="meta.json: checksum mismatch"):
+        read_checkpoint(path)
 
 
 def test_legacy_checkpoint_without_checksums_still_loads_and_a_broken_zip_is_named(tmp_path):
@@ -394,10 +403,8 @@ def test_flipped_byte_is_named_auto_resume_falls_back_and_a_path_exits_2(tmp, re
     assert fallback.step == STEPS - 2
     err = capsys.readouterr().err
     assert "skipping" in err and target.name in err, err
-    code = main(["fit", "--resume", str(newest), "--no-progress"])
-    err = capsys.readouterr().err
-    assert code == 2 and target.name in err and "Traceback" not in err, err
-    assert err.count("\n") == 1, f"not one line: {err!r}"
+    assert main(["fit", "--resume", str(newest), "--no-progress"]) == 2
+    assert_one_error_line(capsys.readouterr().err, target.name)
     report = inspect_checkpoint(newest) if kind != "meta.json" else None
     if report is not None:
         assert report["ok"] is False and target.name in report["problems"][0]
@@ -405,11 +412,10 @@ def test_flipped_byte_is_named_auto_resume_falls_back_and_a_path_exits_2(tmp, re
         for argv in (["eval", "--ckpt", str(newest), "--batches", "1", "--batch-size", "2"],
                      ["generate", "--ckpt", str(newest), "--max-new-tokens", "2"]):
             assert main(argv) == 2
-            err = capsys.readouterr().err
-            assert "sha256 mismatch" in err and "Traceback" not in err, err
+            assert_one_error_line(capsys.readouterr().err, "model.ckpt: sha256 mismatch")
     if kind.startswith("zero"):
         assert main(["ckpt", "consolidate", str(newest), "--out", str(run / "export")]) == 2
-        assert target.name in capsys.readouterr().err
+        assert_one_error_line(capsys.readouterr().err, target.name)
         assert not (run / "export").exists()
 
 
@@ -484,9 +490,7 @@ def test_a_second_writer_is_refused_and_a_dead_ones_lock_is_taken_over(tmp, refe
     wait_for_step(tmp / "runs" / run, 2, first)
     argv = ["fit", "demo", "--no-progress", *[a for o in overrides(tmp, run) for a in ("--set", o)]]
     assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert f"pid {first.pid} on {socket.gethostname()}" in err and "being trained by another process" in err, err
-    assert err.count("\n") == 1, err
+    assert_one_error_line(capsys.readouterr().err, f"pid {first.pid} on {socket.gethostname()}", "being trained by another process")
     os.kill(first.pid, signal.SIGKILL)  # dies holding the lock
     assert first.wait() == -signal.SIGKILL
     resumed = fit_child(tmp, run)

@@ -154,6 +154,17 @@ def test_crate_adapter_matches_the_remote_code_export(models, tasks_dir):
     assert set(a) == set(b)
     for key in a:
         assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), f"{key}: wbscale {a[key]} vs hf {b[key]}"
+    # the registered model name works as any lm-eval model does
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    import wbscale.evaluate.lm  # noqa: F401 - registers "wbscale"
+
+    by_name = lm_eval.simple_evaluate(
+        model="wbscale", model_args=f"pretrained={models['crate']},dtype=float32", tasks=["wb_mc"], device="cpu",
+        batch_size=2, bootstrap_iters=0, task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False),
+    )
+    assert by_name["results"]["wb_mc"]["acc,none"] == a["wb_mc/acc,none"]
 
 
 def fake_run(root: Path, source: Path, wandb_id: str) -> Path:

@@ -410,3 +410,118 @@ def test_cancel_saves_a_checkpoint_and_stops_on_sigterm(cluster, in_root, capsys
     assert "SIGTERM received: checkpoint saved" in job_log(run_dir)
     assert main(["slurm", "cancel", "cancelled", "--runs-dir", str(in_root / "runs")]) == 0
     assert "no queued or running job" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- sweeps as job arrays, the run registry
+
+# Every `wbscale fit` records itself through wbscale.runs.RunRecorder, the last callback of
+# wbscale.train.fit.build_callbacks. Until that line is in build_callbacks, the jobs below
+# get it from this sitecustomize (a no-op once it is there).
+RECORDER_SHIM = '''
+import sys
+if "fit" in sys.argv:
+    import wbscale.train.fit as _fit
+    from wbscale.runs.recorder import RunRecorder as _Recorder
+    _build = _fit.build_callbacks
+    def _with_recorder(recipe, run_dir, *args, **kwargs):
+        callbacks = _build(recipe, run_dir, *args, **kwargs)
+        if not any(isinstance(c, _Recorder) for c in callbacks):
+            callbacks.append(_Recorder(recipe, run_dir))
+        return callbacks
+    _fit.build_callbacks = _with_recorder
+'''
+
+
+def recorder_site(root: Path) -> Path:
+    shim = root / "recorder-shim"
+    shim.mkdir(exist_ok=True)
+    (shim / "sitecustomize.py").write_text(RECORDER_SHIM)
+    site = root / "recorder-site.yaml"
+    site.write_text(yaml.safe_dump({"setup": [f"export PYTHONPATH={shim}"]}))
+    return site
+
+
+def runs_json(capsys, runs_dir: Path) -> dict[str, dict]:
+    capsys.readouterr()
+    assert main(["runs", "--runs-dir", str(runs_dir), "--json"]) == 0
+    return {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+
+
+@pytest.mark.slow
+def test_sweep_array_cancel_preempt_runs_states_and_resubmit_heals(cluster, in_root, capsys):
+    """ONE job array of 3 points (at most 2 at once) whose recipes differ only in
+    train.keep_last, so every point trains the same losses: task 0 runs through, task 1 is
+    cancelled mid-run, task 2 is preempted (USR1) and requeues itself. `runs` shows failed /
+    preempted-requeued / running-or-finished; `runs resubmit --failed` completes task 1 with
+    the losses of the uninterrupted task 0; every task's registry writes are all there."""
+    max_steps = 48
+    fixed = job_overrides(in_root, "unused", **{"train.max_steps": max_steps, "train.ckpt_every": 100, "train.val_every": 16})
+    fixed = [o for o in fixed if not o.startswith("train.keep_last=")]  # the axis
+    args = ["sweep", "run", "demo", *sets(fixed), "--set", "train.keep_last=2,3,4", "--name", "arr", "--slurm",
+            "--max-concurrent", "2", "--site", str(recorder_site(in_root)), "--no-progress"]
+    capsys.readouterr()
+    assert main(args) == 0, capsys.readouterr().err
+    sweep_dir = in_root / "runs" / "sweeps" / "arr"
+    state = json.loads((sweep_dir / "sweep.json").read_text())
+    names = [p["name"] for p in state["points"]]
+    (array,) = {p["array_job"] for p in state["points"]}
+    assert [p["job_id"] for p in state["points"]] == [f"{array}_{i}" for i in range(3)]
+    assert "#SBATCH --array=0-2%2" in (sweep_dir / "slurm" / f"job-{array}.sbatch").read_text()
+    runs = [sweep_dir / n for n in names]
+    log = lambda: job_log(sweep_dir, "job-*.err")[-4000:]  # noqa: E731
+
+    wait_for_step(runs[1], 2)
+    cluster.cancel(f"{array}_1")  # SIGTERM: checkpoint, exit 143, CANCELLED
+    cluster.wait(f"{array}_1", {"CANCELLED"}, 90)
+    wait_for_step(runs[2], 2)  # the freed slot starts task 2
+    cluster.signal(f"{array}_2", "USR1")
+    cluster.wait(f"{array}_2", {"PENDING"}, 90)
+    deadline = time.monotonic() + 30  # the end event is written as the task leaves
+    while time.monotonic() < deadline and runs_json(capsys, sweep_dir)[names[1]]["state"] != "failed":
+        time.sleep(0.5)
+    rows = runs_json(capsys, sweep_dir)
+    assert rows[names[1]]["state"] == "failed" and rows[names[1]]["reason"].startswith("cancelled"), (rows[names[1]], log())
+    assert rows[names[2]]["state"] == "preempted-requeued", (rows[names[2]], log())
+    assert rows[names[0]]["state"] in ("running", "finished"), rows[names[0]]
+
+    cluster.wait(f"{array}_2", {"COMPLETED"}, JOB_TIMEOUT, release_requeued=True)
+    cluster.wait(f"{array}_0", {"COMPLETED"}, JOB_TIMEOUT)
+    rows = runs_json(capsys, sweep_dir)
+    assert [rows[n]["state"] for n in names] == ["finished", "failed", "finished"], (rows, log())
+    assert rows[names[2]]["requeues"] == 1 and rows[names[2]]["jobs"] == [f"{array}_2"]
+    cancel_step = rows[names[1]]["checkpoint"]
+    assert cancel_step == rows[names[1]]["step"] < max_steps, rows[names[1]]
+
+    capsys.readouterr()
+    assert main(["runs", "resubmit", "--failed", "--runs-dir", str(sweep_dir), "--json"]) == 0
+    (action,) = json.loads(capsys.readouterr().out)
+    assert action["name"] == names[1] and action["action"] == "resubmitted", action
+    healed = action["job_id"]
+    cluster.wait(healed, {"COMPLETED"}, JOB_TIMEOUT)
+
+    assert_same_losses(runs[0], runs[1], max_steps)  # cancelled + resubmitted
+    assert_same_losses(runs[0], runs[2], max_steps)  # preempted + requeued
+    rows = runs_json(capsys, sweep_dir)
+    assert all(rows[n]["state"] == "finished" and rows[n]["checkpoint"] == max_steps for n in names), rows
+    assert rows[names[1]]["jobs"] == [f"{array}_1", healed] and rows[names[1]]["retries"] == 1
+    # every task wrote its own registry files at once: nothing lost
+    for run in runs:
+        kinds = [e["event"] for e in store_events(run)]
+        assert kinds.count("start") == kinds.count("end") >= 1, (run.name, kinds)
+    assert [e["event"] for e in store_events(runs[1])] == ["start", "end", "resubmit", "start", "end"]
+    resumed = [e for e in store_events(runs[1]) if e["event"] == "start"][1]
+    assert resumed["resumed_from"] == cancel_step and resumed["job_id"] == healed
+    assert set(runs_json(capsys, in_root / "runs")) >= {f"sweeps/arr/{n}" for n in names}
+    capsys.readouterr()
+    assert main(["runs", "show", names[1], "--runs-dir", str(sweep_dir)]) == 0
+    shown = capsys.readouterr().out
+    assert f"stopped by SIGTERM (cancel or preemption), checkpoint saved at step {cancel_step}" in shown
+    assert f"resumed from step {cancel_step}" in shown and "attempt 1 of 3" in shown
+    assert main(["sweep", "status", "arr", "--runs-dir", str(in_root / "runs")]) == 0
+    assert "3 finished (3 runs)" in capsys.readouterr().out
+
+
+def store_events(run: Path) -> list[dict]:
+    from wbscale.runs.store import read_events as registry_events
+
+    return registry_events(run)

@@ -61,6 +61,24 @@ def test_resume_reproduces_uninterrupted_loss(shared_data):
     assert steps == sorted(steps), "metrics file has rewound steps after resume"
 
 
+def test_resume_with_dropout_reproduces_uninterrupted_loss(shared_data):
+    """The same exact resume with dropout on: every RNG training draws from is restored."""
+    drop = {"model.dropout": 0.1}
+    full = fit(load_recipe("demo", tiny_overrides(shared_data, "full-dropout", **drop)), progress=False)
+    part = load_recipe("demo", tiny_overrides(shared_data, "parts-dropout", **{**drop, "train.exit_interval": 4}))
+    first = fit(part, progress=False)
+    assert first.step == 4
+    second = fit(part, resume="auto", progress=False)
+    assert second.resumed_from == 4 and second.step == 8
+    a, b = losses(full.run_dir), losses(second.run_dir)
+    assert_same_train_losses(a, b, range(1, 9))
+    for step in (4, 8):
+        assert a[step]["val/loss"] == b[step]["val/loss"]
+    pairs = [(json.loads(line)["step"], key) for line in (second.run_dir / "metrics.jsonl").read_text().splitlines()
+             for key in json.loads(line) if key != "step"]
+    assert len(pairs) == len(set(pairs)), "a metric logged twice for one step after resume"
+
+
 def test_resume_refuses_another_model_config(shared_data):
     src = shared_data / "runs" / "smoke"
     dst = shared_data / "runs" / "othermodel"

@@ -46,6 +46,16 @@ class ModelConfig:
     # Triton kernel only: keep (z1, u, z2) for backward (fast) or recompute them from x
     # (+3 GEMMs, saves ~3 T x m activations per layer).
     ista_save_activations: bool = True
+    # CRATE block options (docs/architecture.md, "CRATE block options"); every default is the
+    # published CRATE LM. residual: x + ISTA(LN2(x)) instead of ISTA(LN2(x)) (CRATE-alpha).
+    ista_residual: bool = False
+    # tied: one dictionary W encodes and decodes (published); separate: the ISTA steps use W,
+    # the output is z W_out with its own W_out (m x d) (CRATE-alpha's decoupled dictionary)
+    ista_decoder: Literal["tied", "separate"] = "tied"
+    ista_learn_lambda: bool = False  # a learned threshold per atom, initialised to ista_lambda
+    ista_learn_eta: bool = False  # a learned scalar step size per layer, initialised to ista_eta
+    ista_steps: int | None = None  # ISTA iterations; None: the published count (overcomplete 2, square 1)
+    ista_init_scale: float | None = None  # dictionary init: None = kaiming-uniform (published), x = N(0, x)
     # GPT-2 baseline: a hub id or local folder with HF GPT-2 safetensors to start from
     pretrained: str | None = None
 
@@ -548,6 +558,7 @@ def validate(r: Recipe) -> None:
     _check(m.ista_expansion >= 1, f"model.ista_expansion must be >= 1 (got {m.ista_expansion})")
     _check(m.ista_eta > 0, f"model.ista_eta must be > 0 (got {m.ista_eta})")
     _check(m.ista_lambda >= 0, f"model.ista_lambda must be >= 0 (got {m.ista_lambda})")
+    _validate_ista_options(m)
     if d.tokenizer == "char":
         _check(
             d.vocab_size >= 257,
@@ -584,6 +595,23 @@ def validate(r: Recipe) -> None:
     if m.pretrained is not None:
         _check(m.arch == "gpt2", "model.pretrained is only supported for model.arch: gpt2")
     _validate_bimt(r)
+
+
+def _validate_ista_options(m: ModelConfig) -> None:
+    """The CRATE block options (ModelConfig.ista_residual ... ista_init_scale)."""
+    if m.ista_steps is not None:
+        _check(m.ista_steps >= 1, f"model.ista_steps must be >= 1 (got {m.ista_steps}); null = the published count")
+    if m.ista_init_scale is not None:
+        _check(
+            0 < m.ista_init_scale < float("inf"),  # NaN fails too
+            f"model.ista_init_scale must be > 0 (got {m.ista_init_scale}); null = the published kaiming-uniform init",
+        )
+    if m.ista_decoder == "separate":
+        _check(
+            m.ista_variant == "overcomplete",
+            "model.ista_decoder: separate needs model.ista_variant: overcomplete (the square block's "
+            "output is the code itself: it has no decoder)",
+        )
 
 
 def _validate_bimt(r: Recipe) -> None:

@@ -222,18 +222,22 @@ def lm_geometry(
             ]
 
         # Hidden units read rows of hidden_in and write columns of hidden_out. CRATE's ISTA
-        # dictionary is both (no hidden_out): one matrix, counted once in the cost.
+        # dictionary is both (no hidden_out): one matrix, counted once in the cost. A separate
+        # ISTA decoder is stored (m, d) like the dictionary (hidden_out_rows_are_units): unit j
+        # writes row j, so its dims are swapped against GPT-2's c_proj (d, m).
         hidden_in, hidden_out = roles.hidden_in, roles.hidden_out
+        out_unit_dim = 0 if roles.hidden_out_rows_are_units else 1
         residual_targets.append(PermTarget(hidden_in.weight, 1))
         if hidden_out is not None:
-            residual_targets.append(PermTarget(hidden_out.weight, 0))
+            residual_targets.append(PermTarget(hidden_out.weight, 1 - out_unit_dim))
             if hidden_out.bias is not None:
                 residual_targets.append(PermTarget(hidden_out.bias, 0))
         hidden_side = [PermTarget(hidden_in.weight, 0)]
         if hidden_in.bias is not None:
             hidden_side.append(PermTarget(hidden_in.bias, 0))
         if hidden_out is not None:
-            hidden_side.append(PermTarget(hidden_out.weight, 1))
+            hidden_side.append(PermTarget(hidden_out.weight, out_unit_dim))
+        hidden_side += [PermTarget(name, 0) for name in roles.hidden_vectors]  # per-atom lambda
         if roles.hidden_is_residual:
             # Unit k IS residual dimension k (square ISTA: the code replaces x), so the
             # units move only with the residual stream (rows and columns together).
@@ -248,7 +252,11 @@ def lm_geometry(
         if "hidden" in maps:
             conns.append(Connection(hidden_in.weight, hidden, "residual", layer=i, bias=hidden_in.bias,
                                     plot=(i, 3, 2), label=hidden_in.label))
-            if hidden_out is not None:
+            if hidden_out is not None and roles.hidden_out_rows_are_units:
+                # (m, d): rows are the units (y = 3), columns the stream after the block (y = 4)
+                conns.append(Connection(hidden_out.weight, hidden, "residual", layer=i, bias=hidden_out.bias,
+                                        plot=(i, 3, 4), label=hidden_out.label))
+            elif hidden_out is not None:
                 conns.append(Connection(hidden_out.weight, "residual", hidden, layer=i, bias=hidden_out.bias,
                                         plot=(i, 4, 3), label=hidden_out.label))
     groups["residual"] = Group(

@@ -162,6 +162,7 @@ def _tokenizer_files(tok: Tokenizer, block_size: int) -> dict[str, str]:
         "add_bos_token": False,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
+        "model_input_names": ["input_ids", "attention_mask"],  # no token_type_ids
     }
     return {
         "tokenizer.json": tok.to_str(),
@@ -181,11 +182,12 @@ def _readme(model: LanguageModel, has_tokenizer: bool) -> str:
         "",
         "```python",
         "from transformers import AutoModelForCausalLM" + (", AutoTokenizer" if has_tokenizer else ""),
+        'FOLDER = "path/to/this/folder"',
         f"model = AutoModelForCausalLM.from_pretrained(FOLDER{remote})",
     ]
     if has_tokenizer:
         lines += [
-            "tok = AutoTokenizer.from_pretrained(FOLDER)",
+            f"tok = AutoTokenizer.from_pretrained(FOLDER{remote})",
             'ids = tok("Once upon a time", return_tensors="pt").input_ids',
             "print(tok.decode(model.generate(ids, max_new_tokens=20)[0]))",
         ]

@@ -15,7 +15,7 @@ replaced atomically after that (:mod:`wbscale.ckpt.writer`). A crash at any poin
 
 Integrity (:func:`checkpoint_problems`): every file listed in ``meta.json`` must exist with
 its recorded size and sha256; ``meta.json`` carries a checksum of its own content
-(``meta_sha256``). Checkpoints written before checksums were recorded are checked by size
+(``meta_sha256``, checked whenever it is read; delete that entry to accept a hand-edited file). Checkpoints written before checksums were recorded are checked by size
 and by reading the zip directory of each torch file. ``WBSCALE_CKPT_VERIFY=size`` skips the
 sha256 pass (sizes only) for very large checkpoints on slow filesystems.
 """
@@ -156,6 +156,11 @@ def _read_meta(folder: Path) -> dict[str, Any]:
         raise UserError(f"{meta_path}: corrupt checkpoint metadata (no valid 'step', got {step!r})")
     if not isinstance(meta.get("recipe"), dict):
         raise UserError(f"{meta_path}: corrupt checkpoint metadata (no 'recipe' mapping)")
+    if META_SHA_KEY in meta and meta[META_SHA_KEY] != meta_digest(meta):
+        raise UserError(
+            f"{meta_path}: checksum mismatch, the metadata is corrupt or was edited (if you edited "
+            f"it on purpose, delete its \"{META_SHA_KEY}\" entry)"
+        )
     return meta
 
 
@@ -269,10 +274,9 @@ def checkpoint_problems(info: CheckpointInfo, checksums: bool | None = None) -> 
         checksums = os.environ.get(VERIFY_ENV, "sha256").lower() != "size"
     problems = []
     meta_path = info.path / META_FILE
-    if META_SHA_KEY in info.meta or SHA_KEY in info.meta:  # written with checksums
-        if info.meta.get(META_SHA_KEY) != meta_digest(info.meta):
-            problems.append(f"{meta_path}: checksum mismatch (the metadata was modified or is corrupt)")
-            return problems  # the sizes and checksums it lists cannot be trusted
+    if META_SHA_KEY in info.meta and info.meta[META_SHA_KEY] != meta_digest(info.meta):
+        problems.append(f"{meta_path}: checksum mismatch (the metadata was modified or is corrupt)")
+        return problems  # the sizes and checksums it lists cannot be trusted
     dir_step = STEP_DIR.match(info.path.name)
     if dir_step and int(dir_step.group(1)) != info.step:
         problems.append(f"{meta_path}: says step {info.step}, but the folder is {info.path.name}")

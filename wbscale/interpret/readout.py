@@ -3,7 +3,9 @@
 A unit writes a fixed direction into the residual stream, scaled by its activation:
 
 - CRATE, overcomplete ISTA: the block outputs ``z2 W`` with W (m, d), so atom j writes the
-  dictionary row ``W[j]`` (a column of D = W^T).
+  dictionary row ``W[j]`` (a column of D = W^T); with a separate decoder
+  (``model.ista_decoder: separate``) the block outputs ``z W_out`` and atom j writes the
+  decoder's row ``W_out[j]`` (the encoder row only decides when the atom fires).
 - CRATE, square ISTA: the block's output *is* the code (``out = relu(...)``, m = d), so unit
   j writes the basis vector e_j.
 - GPT-2: the MLP outputs ``c_proj(h)``; ``c_proj.weight`` is (d, 4d), neuron j writes its
@@ -39,7 +41,8 @@ def unit_directions(model: torch.nn.Module, layer: int, units: str) -> Tensor:
         if ista.variant == "square":
             w = ista.dictionary
             return torch.eye(w.size(1), dtype=w.dtype, device=w.device)
-        return ista.dictionary.detach()
+        decoder = getattr(ista, "decoder", None)
+        return (ista.dictionary if decoder is None else decoder).detach()
     mlp = getattr(block, "mlp", None)
     if mlp is None:
         raise UserError(f"layer {layer} has no MLP (is this a GPT-2 model?)")

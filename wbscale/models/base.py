@@ -55,9 +55,13 @@ class LayerRoles:
     - ``attn_out`` (d, d): writes the concatenated heads into the stream;
     - ``hidden_in`` (m, d): hidden unit j reads row j (GPT-2 ``c_fc``; CRATE's ISTA
       dictionary, which is encoder and decoder at once, so ``hidden_out`` is None);
-    - ``hidden_out`` (d, m): hidden unit j writes column j (GPT-2 ``mlp.c_proj``);
+    - ``hidden_out`` (d, m): hidden unit j writes column j (GPT-2 ``mlp.c_proj``); with
+      ``hidden_out_rows_are_units`` it is stored (m, d) instead and unit j writes row j
+      (CRATE's separate ISTA decoder W_out, stored like the dictionary);
     - ``hidden_is_residual``: the hidden units ARE the stream's dimensions (square ISTA:
-      m = d and the code replaces x), so they cannot move on their own.
+      m = d and the code replaces x), so they cannot move on their own;
+    - ``hidden_vectors``: per-unit parameters of shape (m,) that move with the hidden units
+      (CRATE's learned per-atom lambda).
     """
 
     norms: tuple[str, ...]
@@ -68,6 +72,8 @@ class LayerRoles:
     hidden_out: LinearMap | None
     hidden_units: int
     hidden_is_residual: bool = False
+    hidden_out_rows_are_units: bool = False
+    hidden_vectors: tuple[str, ...] = ()
 
 
 class LayerCache:
@@ -349,7 +355,9 @@ class LanguageModel(nn.Module):
         count of the actual forward pass (``gemm_macs_per_layer`` per block, plus the tied
         LM head d x vocab): for GPT-2 that equals 6N up to biases and norms; for CRATE's
         ISTA block it counts the 4 (overcomplete) or 2 (square) GEMMs its one dictionary
-        takes, whose backward is again 2 x forward (docs/architecture.md, Kernels).
+        takes, whose backward is again 2 x forward (docs/architecture.md, Kernels); with
+        ``model.ista_steps`` K that is 2 K GEMMs (a separate decoder replaces the tied
+        output GEMM, it adds none).
         """
         c = self.config
         macs = c.n_layer * self.gemm_macs_per_layer() + c.n_embd * c.vocab_size
@@ -357,18 +365,25 @@ class LanguageModel(nn.Module):
         return 6 * macs + attention
 
     # ------------------------------------------------------------------ optimiser
+    # Parameter names (suffixes) never decayed whatever their shape: CRATE's learned ISTA
+    # threshold and step size, which weight decay would pull towards 0 (a denser code, a
+    # vanishing step), not towards a simpler function.
+    no_decay_names: ClassVar[tuple[str, ...]] = ()
+
     def configure_param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        """Two AdamW groups: decay for weight matrices; none for biases, norms, embeddings.
+        """Two AdamW groups: decay for weight matrices; none for biases, norms, embeddings
+        and the names in ``no_decay_names``.
 
         ``named_parameters`` yields the tied LM head / token embedding once, as
         ``transformer.wte.weight``, so it sits in the no-decay group once.
         """
         embeddings = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
         decay, no_decay = [], []
-        for _, p in self.named_parameters():
+        for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+            keep = id(p) in embeddings or name.endswith(self.no_decay_names)
+            (decay if p.dim() >= 2 and not keep else no_decay).append(p)
         return [
             {"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0},

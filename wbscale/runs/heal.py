@@ -111,10 +111,16 @@ def _resubmit_local(row: RunRow, run_dir: Path, attempt: int) -> tuple[int, str]
     cwd = Path(last.get("cwd") or row.workdir or Path.cwd())
     log = run_dir / f"resubmit-{attempt}.log"
     cmd = [sys.executable, "-m", "wbscale.cli", "fit", "--config", str(run_dir / "recipe.yaml"), "--resume", "auto", "--no-progress"]
+    pid = _spawn(cmd, cwd, log)
+    return pid, f"pid {pid} on this host (log {log})"
+
+
+def _spawn(cmd: list[str], cwd: Path, log: Path) -> int:
+    """Start ``cmd`` detached from this process (its own session), output to ``log``."""
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
-    return proc.pid, f"pid {proc.pid} on this host (log {log})"
+    return proc.pid
 
 
 def resubmit(

@@ -350,9 +350,13 @@ def derive(
     fail = fails[-1] if fails else None
     lock_alive, lock_how = lock
 
-    # The newest attempt has not started training yet.
-    if start is None or (submit is not None and submit["time"] > start["time"] and _job_of(submit) != _job_of(start)
-                         and not (submit.get("pid") and start.get("pid") == submit.get("pid"))):
+    # The newest attempt has not started training yet (a start belongs to the newest
+    # submission when it is later, or names the same job or relaunched pid).
+    same = submit is not None and start is not None and (
+        (_job_of(submit) is not None and _job_of(submit) == _job_of(start))
+        or (submit.get("pid") is not None and _job_of(submit) is None and submit.get("pid") == start.get("pid"))
+    )
+    if start is None or (submit is not None and submit["time"] > start["time"] and not same):
         if fail is not None and (submit is None or fail["time"] >= submit["time"]):
             return "failed", _end_text({**fail, "reason": fail.get("reason", "bad-input")}), fail.get("exit_code") == BAD_INPUT_EXIT
         if submit is None:

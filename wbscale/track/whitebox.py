@@ -4,7 +4,9 @@ One implementation, used by the training callback (:class:`wbscale.track.callbac
 and by ``wbscale metrics --ckpt``. Everything reads ``model.white_box_forward(idx)``, which
 returns per-layer lists of tensors (docs/architecture.md, "CRATE language model"):
 
-- CRATE: ``sparse_code`` (B, T, m) = the ISTA code z2 (>= 0), ``head_projections``
+- CRATE: ``sparse_code`` (B, T, m) = the ISTA code z2 (>= 0; with ``model.ista_steps`` K
+  the last code z_K), with a learned threshold / step size also ``ista_lambda`` (m,) and
+  ``ista_eta`` (1,) (``model.ista_learn_lambda`` / ``ista_learn_eta``), ``head_projections``
   (B, n_head, T, p) = X U_k with X = LN1(x), ``mssa_input`` (B, T, d) = LN1(x),
   ``mssa_output`` (B, T, d) = the residual stream after MSSA, x + MSSA(LN1(x)); optionally
   ``mssa_projection`` (d, d) = U, with ``head_projections == mssa_input @ U`` split into heads
@@ -28,6 +30,9 @@ Metric definitions (per layer i, logged as ``whitebox/layer{i}/<name>``, plus
 ``coding_rate_after_mssa``, ``compression_gain`` (CRATE)
     the same coding rate of the stream after MSSA projected with the same U_k, and
     ``compression_gain = coding_rate - coding_rate_after_mssa`` (see :func:`compression_gain`).
+``lambda_mean``, ``lambda_min``, ``eta`` (CRATE, learned lambda / eta only)
+    the mean and the smallest of the layer's per-atom lambda, and its step size eta: the
+    soft threshold of an ISTA step is eta * lambda (a lambda below 0 makes the code denser).
 ``head_coherence`` (CRATE)
     mean over head pairs j < k of ||Q_j^T Q_k||_F^2 / p, with Q_k an orthonormal basis of
     span(U_k): 0 = mutually orthogonal head subspaces (the incoherence CRATE's derivation
@@ -210,6 +215,8 @@ def metrics_from_white_box(
     inputs = _layers(out, "mssa_input")
     outputs = _layers(out, "mssa_output")
     projections = _layers(out, "mssa_projection")
+    lambdas = _layers(out, "ista_lambda")
+    etas = _layers(out, "ista_eta")
     is_crate = len(codes) > 0
     n_layer = max(len(codes), len(acts), len(heads))
     for i in range(n_layer):
@@ -217,6 +224,12 @@ def metrics_from_white_box(
         if is_crate and i < len(codes):
             metrics[pre + "sparsity"] = sparsity(codes[i])
             metrics[pre + "dead_atoms"] = float(dead_atoms(codes[i]))
+            if i < len(lambdas):
+                lam = lambdas[i].detach().float()
+                metrics[pre + "lambda_mean"] = float(lam.mean())
+                metrics[pre + "lambda_min"] = float(lam.min())
+            if i < len(etas):
+                metrics[pre + "eta"] = float(etas[i].detach().float().reshape(-1)[0])
         elif i < len(acts):
             metrics[pre + "sparsity"] = activation_sparsity(acts[i])
             metrics[pre + "dead_neurons"] = float(dead_neurons(acts[i]))
