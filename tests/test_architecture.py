@@ -25,7 +25,7 @@ LAYERS: list[set[str]] = [
     {"inference", "data"},
     {"ckpt"},
     {"track"},
-    {"slurm", "bimt", "interpret", "runs"},  # runs: the run registry; it resubmits through slurm
+    {"slurm", "bimt", "interpret", "runs", "evaluate"},  # runs: the run registry; it resubmits through slurm
     {"train"},
     {"sweep", "bench", "doctor"},
     {"cli"},

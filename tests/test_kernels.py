@@ -298,10 +298,16 @@ def test_empty_token_batch():
     assert torch.equal(gw, torch.zeros(64, 16, dtype=torch.float64))
 
 
+@pytest.mark.parametrize(
+    "full", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["fast", "full"]
+)
 @pytest.mark.parametrize("save", it.SAVE_MODES)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_gradcheck_float64_custom_ops(variant, save):
-    """The hand-derived backward of both ops, through the float64 (PyTorch GEMM) path."""
+def test_gradcheck_float64_custom_ops(variant, save, full):
+    """The hand-derived backward of both ops, through the float64 (PyTorch GEMM) path.
+
+    ``fast``: gradcheck's random projections; ``full``: the whole Jacobian (slow).
+    """
     gen = torch.Generator().manual_seed(0)
     m = 32 if variant == "overcomplete" else 16
     x = torch.randn(5, 16, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -311,7 +317,7 @@ def test_gradcheck_float64_custom_ops(variant, save):
             a, b, variant=variant, eta=ETA, lam=LAM, return_code=True, save_activations=save
         ),
         (x, w),
-        fast_mode=save != "all",  # the full Jacobian once; random projections for the others
+        fast_mode=not full,
     )
 
 

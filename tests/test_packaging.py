@@ -34,6 +34,14 @@ def wheel(tmp_path_factory) -> Path:
     return found
 
 
+def test_every_subpackage_is_listed_in_pyproject():
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "wbscale").rglob("__init__.py")}
+    assert found <= listed, f"packages missing from pyproject.toml (a wheel would not ship them): {sorted(found - listed)}"
+
+
 def test_wheel_ships_recipes_job_templates_and_license(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert "wbscale/recipes/demo.yaml" in names

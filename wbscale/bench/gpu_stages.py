@@ -655,6 +655,7 @@ def generate_bench(
     prompt: int = 128,
     new_tokens: int = 128,
     device: str = "cuda",
+    use_cache: bool = True,
 ) -> dict[str, Any]:
     """Greedy generation tokens/s (bf16 weights on CUDA); ``autotune_runs`` counts the new
     autotuner entries it caused (the fixed small-problem config keeps it at 0)."""
@@ -669,17 +670,19 @@ def generate_bench(
     idx = torch.randint(0, vocab, (batch, prompt), device=dev)
     tuned_before = len(tuned_configs())
     started = time.time()
-    model.generate(idx, max_new_tokens=4, temperature=0.0)
+    options = _generate_options(model, use_cache)
+    model.generate(idx, max_new_tokens=4, temperature=0.0, **options)
     _sync(dev)
     warmup_s = time.time() - started
     started = time.time()
-    out = model.generate(idx, max_new_tokens=new_tokens, temperature=0.0)
+    out = model.generate(idx, max_new_tokens=new_tokens, temperature=0.0, **options)
     _sync(dev)
     elapsed = time.time() - started
     row = {
         "arch": arch,
         "ista_kernel": kernel if arch == "crate" else None,
         "batch": batch,
+        "use_cache": options.get("use_cache"),
         "prompt": prompt,
         "new_tokens": new_tokens,
         "tokens_per_s": batch * new_tokens / elapsed,
@@ -694,6 +697,14 @@ def generate_bench(
     return row
 
 
+def _generate_options(model, use_cache: bool) -> dict[str, Any]:
+    """``use_cache`` where this model's generate() has it (the KV cache), else nothing."""
+    import inspect
+
+    params = inspect.signature(model.generate).parameters
+    return {"use_cache": use_cache} if "use_cache" in params else {}
+
+
 def stage_generate(ctx) -> dict[str, Any]:
     _require_cuda()
     runs = [
@@ -702,6 +713,8 @@ def stage_generate(ctx) -> dict[str, Any]:
         dict(arch="crate", kernel="eager", batch=1),
         dict(arch="crate", kernel="triton", batch=8),
         dict(arch="gpt2", batch=8),
+        # no cache: every step runs the whole, growing context (a new length each token)
+        dict(arch="crate", kernel="triton", batch=1, use_cache=False),
     ]
     sizes = dict(prompt=32, new_tokens=16) if ctx.quick else {}
     rows: list[dict[str, Any]] = []
@@ -871,11 +884,14 @@ def _summary_train(d: dict[str, Any]) -> list[str]:
 
 def _summary_generate(d: dict[str, Any]) -> list[str]:
     lines = [
-        "| model | ISTA | batch | tokens/s | ms/token | autotune runs |",
-        "|---|---|---:|---:|---:|---:|",
+        "| model | ISTA | batch | KV cache | tokens/s | ms/token | autotune runs |",
+        "|---|---|---:|---|---:|---:|---:|",
     ]
     for r in d.get("rows", []):
-        head = f"| {r['arch']} | {r.get('ista_kernel') or r.get('kernel') or ''} | {r['batch']} |"
+        head = (
+            f"| {r['arch']} | {r.get('ista_kernel') or r.get('kernel') or ''} | {r['batch']} | "
+            f"{r.get('use_cache', True)} |"
+        )
         if "error" in r:
             lines.append(f"{head} {r['error']} |||")
         else:

@@ -362,8 +362,19 @@ def latest_intact_checkpoint(run_dir: Path, warn: Warn | None = None) -> Checkpo
 
 
 def inspect_checkpoint(path: Path) -> dict[str, Any]:
-    """Step, topology, size, tokens seen and an integrity check (checksums) of a checkpoint."""
-    info = read_checkpoint(path)
+    """Step, topology, size, tokens seen and an integrity check (checksums) of a checkpoint.
+
+    A checkpoint folder whose metadata is missing or unreadable is reported (``ok: false``
+    and the problem), not refused; a path that is no checkpoint at all is a UserError.
+    """
+    path = Path(path)
+    folder = path.parent if path.name == MODEL_FILE else path
+    try:
+        info = read_checkpoint(path)
+    except UserError as err:
+        if not (folder.is_dir() and ((folder / META_FILE).exists() or (folder / MODEL_FILE).exists())):
+            raise
+        return {"path": str(folder), "step": None, "ok": False, "problems": [str(err)]}
     files = [p for p in info.path.rglob("*") if p.is_file()]
     recipe = info.meta.get("recipe", {})
     block = recipe.get("model", {}).get("block_size")

@@ -16,6 +16,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from wbscale.config import DataConfig
+from wbscale.data.hub import resolve_tokenizer
 from wbscale.errors import UserError
 from wbscale.io import sha256_file
 
@@ -49,8 +50,9 @@ _EOT_CANDIDATES = (EOT, "<|end_of_text|>", "</s>", "<eos>")
 
 
 def tokenizer_path(path: str | Path) -> Path:
-    """``path`` if it is a file; a UserError saying what to give instead otherwise."""
-    path = Path(path).expanduser()
+    """``path`` if it is a file (a hub id such as ``openai-community/gpt2`` is downloaded
+    first, :func:`wbscale.data.hub.resolve_tokenizer`); a UserError saying what to give instead otherwise."""
+    path = resolve_tokenizer(path)
     if not path.is_file():
         hint = (
             f" ({path} is a folder: point at the tokenizer.json inside it)"

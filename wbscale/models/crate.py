@@ -82,6 +82,21 @@ def uses_general_block(config: ModelConfig) -> bool:
     )
 
 
+def nondefault_options(config: ModelConfig) -> list[str]:
+    """The CRATE block options set away from the published block, by ModelConfig field name
+    (``ista_steps`` counts only when it differs from the published count). Empty: this is the
+    published CRATE LM (what the Hugging Face export and the published format describe)."""
+    on = [
+        ("ista_residual", config.ista_residual),
+        ("ista_decoder", config.ista_decoder != "tied"),
+        ("ista_learn_lambda", config.ista_learn_lambda),
+        ("ista_learn_eta", config.ista_learn_eta),
+        ("ista_steps", ista_steps(config) != published_steps(config.ista_variant)),
+        ("ista_init_scale", config.ista_init_scale is not None),
+    ]
+    return [name for name, is_on in on if is_on]
+
+
 def check_ista_options(config: ModelConfig) -> None:
     """UserError for option combinations the block cannot build (the recipe checks them too)."""
     if config.ista_steps is not None and config.ista_steps < 1:
