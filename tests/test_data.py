@@ -128,8 +128,10 @@ def test_parallel_prepare_matches_serial(prepared, tmp_path, capsys):
     par_cfg = dataclasses.replace(cfg, workers=2, out_dir=str(tmp_path / "par"))
     report = prep.prepare_data(par_cfg, progress=True)  # stderr is not a TTY under pytest
     assert report.workers == 2 and report.tokens > 0 and report.tokens_per_second > 0
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "tokens/s" in err
+    lines = capsys.readouterr().err.strip().splitlines()
+    # plain lines only (no \r status line off a terminal): BPE start/end, then the summary
+    assert all(line.startswith(("prepare", "prepared")) and "\r" not in line for line in lines), lines
+    assert any("BPE trained" in line for line in lines) and lines[-1].startswith("prepared") and "tokens/s" in lines[-1]
     for name in (serial / "manifest.json", *serial.glob("*.bin"), serial / "tokenizer.json"):
         assert (tmp_path / "par" / name.name).read_bytes() == name.read_bytes(), name.name
 
@@ -269,10 +271,12 @@ def test_progress_line_only_on_a_terminal(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     prep.prepare(small_cfg(tmp_path), progress=True)
     err = capsys.readouterr().err
-    assert "\rprepare: 300 documents read" in err and "tokens/s" in err
+    assert "prepare: 100%" in err and "300/300" in err and "tokens/s" in err  # the tqdm bar, with a total
     prep.prepare(small_cfg(tmp_path, out_dir=str(tmp_path / "quiet")), progress=False)
-    err = capsys.readouterr().err
-    assert "\r" not in err and len(err.strip().splitlines()) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    # no bar and no periodic lines: what the tokenizer training says, then the summary
+    assert not any("\r" in line or line.startswith("prepare: 300/300") for line in lines), lines
+    assert lines[-1].startswith("prepared")
 
 
 def test_measure_prepare_overhead_reports_both_throughputs():

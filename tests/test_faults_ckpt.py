@@ -343,10 +343,17 @@ def test_every_writer_fault_point_is_exercised():
 
 @pytest.mark.slow
 def test_kill_at_every_point_of_the_checkpoint_writer_then_resume_is_exact(tmp, reference):
+    """A full disk, then kill -9 at each point of the writer, each resumed from what the
+    previous fault left; the run then finishes with the uninterrupted run's losses."""
     run = "kill-writer"
     run_dir = tmp / "runs" / run
-    for point, step, expected_last in KILLS:
-        child = fit_child(tmp, run, expect=-signal.SIGKILL, env={"WBSCALE_FAULT": f"{point}@{step}"})
+    for point, step, expected_last in [("disk-full", 4, 2), *KILLS]:
+        expect = 2 if point == "disk-full" else -signal.SIGKILL
+        child = fit_child(tmp, run, expect=expect, env={"WBSCALE_FAULT": f"{point}@{step}"})
+        if point == "disk-full":  # one line naming the folder and the space needed; nothing left behind
+            assert_one_error_line(child.output(), "no space left on the disk writing checkpoint", ".tmp-step-00000004",
+                                  "needs about", "step-00000002) is intact")
+            assert not (run_dir / "checkpoints" / ".tmp-step-00000004").exists()
         last = latest_checkpoint(run_dir)
         assert last is not None and checkpoint_problems(last) == [], f"{point}: `last` names a damaged checkpoint"
         assert last.step == expected_last, f"{point}: newest usable checkpoint is step {last.step}\n{child.output()[-2000:]}"

@@ -108,7 +108,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     from wbscale.data.prepare import prepare
 
     recipe = _recipe(args)
-    out = prepare(recipe.data, progress=sys.stderr.isatty(), force=args.force)
+    out = prepare(recipe.data, progress=True, force=args.force)  # a bar on a terminal, plain lines otherwise
     print(out)
     return 0
 

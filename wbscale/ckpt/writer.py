@@ -21,11 +21,13 @@ mid-delete never leaves a half-deleted ``step-…`` folder; leftovers (``.trash-
 ``.tmp-step-*``, ``.*.tmp-<pid>`` files) are removed when a run (re)starts.
 
 Fault injection (tests): ``WBSCALE_FAULT=<point>[@<step>]`` kills the process (SIGKILL)
-at that point of the writer; :data:`FAULT_POINTS` lists them.
+at that point of the writer; :data:`FAULT_POINTS` lists them. ``WBSCALE_FAULT=disk-full@<step>``
+makes that step's write fail as on a full disk.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -54,6 +56,7 @@ from wbscale.ckpt.format import (
 )
 from wbscale.ckpt.rng import load_rank_rng, save_rank_rng
 from wbscale.dist import zero_stage_of
+from wbscale.errors import UserError
 from wbscale.io import atomic_write_json, atomic_write_text, fsync_dir
 
 FAULT_ENV = "WBSCALE_FAULT"
@@ -132,6 +135,46 @@ def clean_stale(run_dir: Path) -> list[str]:
     return removed
 
 
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def _disk_full(err: BaseException, root: Path) -> bool:
+    """ENOSPC / EDQUOT, also as torch's "file write failed" (which loses the errno)."""
+    if isinstance(err, OSError):
+        return err.errno in _DISK_FULL
+    text = str(err)
+    if "No space left" in text or "Disk quota exceeded" in text:
+        return True
+    if "write failed" in text or "PytorchStreamWriter failed" in text:
+        try:
+            return shutil.disk_usage(root).free < (64 << 20)
+        except OSError:
+            return False
+    return False
+
+
+def _gib(n: float) -> str:
+    return f"{n / (1 << 30):.2f} GiB" if n >= (1 << 27) else f"{n / (1 << 20):.1f} MiB"
+
+
+def _disk_full_error(root: Path, tmp: Path, err: BaseException) -> UserError:
+    previous = list_checkpoints(root.parent)
+    needed = sum((previous[-1].meta.get(SIZES_KEY) or {}).values()) if previous else None
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        free = None
+    quota = isinstance(err, OSError) and err.errno == errno.EDQUOT
+    what = "disk quota exceeded" if quota else "no space left on the disk"
+    need = f"a checkpoint of this run needs about {_gib(needed)}" if needed else "it needs more space"
+    have = f", {_gib(free)} free" if free is not None else ""
+    last = f"the previous checkpoint ({previous[-1].path.name}) is intact" if previous else "no checkpoint was saved"
+    return UserError(
+        f"{what} writing checkpoint {tmp} ({need}{have}); {last}. Free up space (or lower "
+        "train.keep_last) and resume with --resume auto"
+    )
+
+
 class AtomicCheckpoint(L.Callback):
     """Save every ``every`` optimizer steps and at the end of training.
 
@@ -200,7 +243,24 @@ class AtomicCheckpoint(L.Callback):
         return final
 
     def write(self, trainer: L.Trainer) -> Path:
-        """Write the current step's checkpoint into its temp folder (every rank)."""
+        """Write the current step's checkpoint into its temp folder (every rank).
+
+        A full disk (or quota) is a UserError naming the folder, the space a checkpoint of
+        this run needs and the space left; the partial folder is removed, the previous
+        checkpoint stays ``last``.
+        """
+        root = checkpoints_dir(self.run_dir)
+        tmp = root / f".tmp-{step_dir_name(trainer.global_step)}"
+        try:
+            return self._write(trainer)
+        except (OSError, RuntimeError) as err:
+            if not _disk_full(err, root):
+                raise
+            self._pending = None
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _disk_full_error(root, tmp, err) from None
+
+    def _write(self, trainer: L.Trainer) -> Path:
         step = trainer.global_step
         root = checkpoints_dir(self.run_dir)
         final = root / step_dir_name(step)
@@ -214,6 +274,8 @@ class AtomicCheckpoint(L.Callback):
             fault("after-tmp-mkdir", step)
         trainer.strategy.barrier("wbscale-ckpt-begin")
         # Every rank writes: DeepSpeed its shards into model.ckpt/, each rank its RNG state.
+        if os.environ.get(FAULT_ENV) == f"disk-full@{step}":  # tests: a full disk mid-write
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / MODEL_FILE))
         trainer.save_checkpoint(tmp / MODEL_FILE)
         fault("after-model-write", step)
         rng_rel, rng_size, rng_sha = save_rank_rng(tmp, rank)

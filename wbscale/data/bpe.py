@@ -18,6 +18,7 @@ Loading a tokenizer (trained here, or any ``tokenizer.json``) is
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -55,7 +56,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
         special_tokens=[EOT],
         # All 256 byte symbols up front: any input is encodable even if unseen in training.
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=sys.stderr.isatty(),  # a bar on a terminal; the lines around it otherwise
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
@@ -100,7 +101,14 @@ def train_tokenizer(cfg: DataConfig) -> Tokenizer:
         )
         return tok
     if cfg.tokenizer == BPE:
-        return train_bpe(training_text(cfg), cfg.vocab_size)
+        print(f"prepare: training a {cfg.vocab_size:,}-token byte-level BPE on the training split …",
+              file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        tok = train_bpe(training_text(cfg), cfg.vocab_size)
+        got = tok.get_vocab_size()
+        why = " (no more pairs frequent enough to merge: the text's vocabulary is small)" if got < cfg.vocab_size else ""
+        print(f"prepare: BPE trained in {time.perf_counter() - t0:.1f}s: {got:,} tokens{why}", file=sys.stderr)
+        return tok
     raise ValueError(f"data.tokenizer {cfg.tokenizer!r} is a file, not a tokenizer to train")
 
 

@@ -191,30 +191,50 @@ def _encode_texts(
 
 
 class _Progress:
-    """A live status line on a terminal; nothing otherwise (the summary comes at the end)."""
+    """Tokenizing progress: a tqdm bar on a terminal (over documents when their number is
+    known), otherwise a plain line every ``every_s`` seconds (SLURM logs, CI)."""
 
-    def __init__(self, enabled: bool) -> None:
-        self.live = enabled and sys.stderr.isatty()
-        self.last = 0.0
-        self.t0 = time.perf_counter()
+    def __init__(self, enabled: bool, total_documents: int | None = None, every_s: float = 10.0) -> None:
+        self.enabled = enabled
+        self.total = total_documents
+        self.every_s = every_s
+        self.t0 = self.last = time.perf_counter()
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_documents, desc="prepare", unit="doc", file=sys.stderr, dynamic_ncols=True)
 
     def update(self, docs: int, tokens: int, force: bool = False) -> None:
-        if not self.live:
+        if not self.enabled:
             return
         now = time.perf_counter()
-        if now - self.last < 0.5 and not force:
+        rate = tokens / max(now - self.t0, 1e-9)
+        if self.bar is not None:
+            self.bar.n = docs
+            self.bar.set_postfix_str(f"{tokens:,} tokens, {rate / 1e6:.2f}M tokens/s", refresh=False)
+            self.bar.refresh()
+            return
+        if now - self.last < self.every_s and not force:
             return
         self.last = now
-        rate = tokens / max(now - self.t0, 1e-9)
-        sys.stderr.write(
-            f"\rprepare: {docs:,} documents read, {tokens:,} tokens, {rate / 1e6:.2f}M tokens/s  "
-        )
-        sys.stderr.flush()
+        done = f"{docs:,}" + (f"/{self.total:,} ({100 * docs / max(1, self.total):.0f}%)" if self.total else "")
+        eta = ""
+        if self.total and 0 < docs < self.total:
+            eta = f", ETA {(now - self.t0) / docs * (self.total - docs):.0f}s"
+        print(f"prepare: {done} documents, {tokens:,} tokens, {rate / 1e6:.2f}M tokens/s{eta}",
+              file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        if self.live:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def expected_documents(cfg: DataConfig) -> int | None:
+    """How many documents the source will give, when that is known before reading it."""
+    if cfg.source == "synthetic-stories":
+        return cfg.synthetic_documents if cfg.max_documents is None else min(cfg.synthetic_documents, cfg.max_documents)
+    return cfg.max_documents
 
 
 @dataclass
@@ -468,7 +488,7 @@ def _build(
         for name, why in w.problems.items():
             print(f"prepare: shard {out / name} is corrupt ({why}); rebuilding it", file=sys.stderr)
 
-    bar = _Progress(progress)
+    bar = _Progress(progress, expected_documents(cfg))
     try:
         if not any(w.jobs for w in writers.values()):
             # Only the tokenizer needed replacing, and it came out the same.

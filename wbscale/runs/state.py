@@ -526,6 +526,8 @@ def list_runs(
     from wbscale.slurm.status import job_snapshot
 
     runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        return []  # nothing trained here yet: create nothing
     if rebuild or not (store.registry_dir(runs_dir) / store.MEMBERS_DIR).is_dir():
         store.rebuild(runs_dir)
     else:
@@ -550,6 +552,8 @@ def list_runs(
 def find_run(runs_dir: str | Path, name: str) -> str:
     """A run's registry name from its name, its relative path, or its folder."""
     runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        raise UserError(f"no runs folder {runs_dir}/ (--runs-dir DIR: the folder train.runs_dir names)")
     known = store.members(runs_dir) or {n: {} for n in store.rebuild(runs_dir)}
     if name in known:
         return name
@@ -642,7 +646,7 @@ def table_cells(row: RunRow) -> tuple[str, ...]:
 
 def format_table(rows: list[RunRow]) -> str:
     if not rows:
-        return "no runs"
+        return "no runs (every `wbscale fit`, `slurm submit` and `sweep run` records its runs under train.runs_dir)"
     cells = [TABLE_HEADER] + [table_cells(r) for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(TABLE_HEADER))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in cells]

@@ -15,6 +15,7 @@ import math
 import os
 import pickle
 import re
+import signal
 import sys
 import zipfile
 from dataclasses import dataclass
@@ -262,7 +263,7 @@ def fit(recipe: Recipe, resume: str = "auto", progress: bool | None = None) -> F
     for folder, key in ((Path(recipe.train.runs_dir), "train.runs_dir"), (run_dir, "train.run_name")):
         if folder.exists() and not folder.is_dir():
             raise UserError(f"{key}: {folder} is a file, not a folder; point {key} somewhere else")
-    data_dir = ensure_data(recipe, progress=progress)
+    data_dir = ensure_data(recipe, progress=True)  # a bar on a terminal, plain lines otherwise
     recipe = resolve_vocab(recipe, data_dir)
     manifest = load_manifest(data_dir, verify=False)
     tokenizer_sha = manifest["tokenizer_sha256"]
@@ -334,6 +335,8 @@ def _fit_locked(
                 f"checkpoint {ckpt.path} could not be loaded ({type(err).__name__}: {str(err)[:200]}); "
                 f"resume from an earlier one (--resume {ckpt.path.parent}/step-…) or delete it and use --resume auto"
             ) from None
+        if trainer.world_size > 1 and _is_collective_failure(err):
+            _leave_after_rank_failure(trainer, recipe, err)
         raise
     if trainer.is_global_zero:
         write_summary(trainer, run_dir, data_dir)
@@ -342,6 +345,31 @@ def _fit_locked(
     for logger in loggers:
         finish_wandb(logger)  # the wandb logger, when there is one; others are left alone
     return FitResult(run_dir, trainer.global_step, ckpt.step if ckpt else None)
+
+
+def _is_collective_failure(err: BaseException) -> bool:
+    """A collective that timed out (a hung rank) or lost its peer (a dead rank)."""
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(
+        s in text for s in ("Timed out waiting", "Connection closed by peer", "Connection reset by peer",
+                            "NCCL communicator was aborted", "Watchdog caught collective operation timeout")
+    )
+
+
+def _leave_after_rank_failure(trainer: L.Trainer, recipe: Recipe, err: BaseException) -> None:
+    """One line instead of a traceback, the ranks this process launched stopped, exit 1."""
+    from wbscale.ranks import say_always
+
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if launcher is not None and hasattr(launcher, "kill"):  # Lightning's launcher: no orphaned ranks
+        launcher.kill(signal.SIGKILL)
+    first = str(err).strip().splitlines()[-1][:200] if str(err).strip() else type(err).__name__
+    say_always(
+        f"rank {trainer.global_rank}: a collective failed at step {trainer.global_step + 1}: another rank hung "
+        f"or died (no answer within distributed.timeout_s={recipe.distributed.timeout_s} s, or its connection "
+        f"closed: {first}); see that rank's log. The last checkpoint is intact: resume with --resume auto"
+    )
+    raise SystemExit(1) from None
 
 
 def _is_load_error(err: BaseException) -> bool:
