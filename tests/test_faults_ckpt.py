@@ -205,7 +205,8 @@ def reference(tmp) -> Path:
 @pytest.fixture(scope="module")
 def zero_run(tmp) -> Path:
     """A DeepSpeed ZeRO-2 run (one process): checkpoints made of shards."""
-    return fit_child(tmp, "zero", **{"distributed.strategy": "deepspeed", "distributed.zero_stage": 2}).run_dir
+    zero = {"distributed.strategy": "deepspeed", "distributed.zero_stage": 2, "train.max_steps": 4}
+    return fit_child(tmp, "zero", **zero).run_dir
 
 
 # ---------------------------------------------------------------------------- fast unit checks
@@ -409,7 +410,7 @@ def test_flipped_byte_is_named_auto_resume_falls_back_and_a_path_exits_2(tmp, re
     newest = latest_checkpoint(run).path
     flip_byte(target)
     fallback = resolve_resume(run, "auto")
-    assert fallback.step == STEPS - 2
+    assert fallback.step == latest_checkpoint(src).step - 2
     err = capsys.readouterr().err
     assert "skipping" in err and target.name in err, err
     assert main(["fit", "--resume", str(newest), "--no-progress"]) == 2

@@ -414,33 +414,6 @@ def test_cancel_saves_a_checkpoint_and_stops_on_sigterm(cluster, in_root, capsys
 
 # ---------------------------------------------------------------------------- sweeps as job arrays, the run registry
 
-# Every `wbscale fit` records itself through wbscale.runs.RunRecorder, the last callback of
-# wbscale.train.fit.build_callbacks. Until that line is in build_callbacks, the jobs below
-# get it from this sitecustomize (a no-op once it is there).
-RECORDER_SHIM = '''
-import sys
-if "fit" in sys.argv:
-    import wbscale.train.fit as _fit
-    from wbscale.runs.recorder import RunRecorder as _Recorder
-    _build = _fit.build_callbacks
-    def _with_recorder(recipe, run_dir, *args, **kwargs):
-        callbacks = _build(recipe, run_dir, *args, **kwargs)
-        if not any(isinstance(c, _Recorder) for c in callbacks):
-            callbacks.append(_Recorder(recipe, run_dir))
-        return callbacks
-    _fit.build_callbacks = _with_recorder
-'''
-
-
-def recorder_site(root: Path) -> Path:
-    shim = root / "recorder-shim"
-    shim.mkdir(exist_ok=True)
-    (shim / "sitecustomize.py").write_text(RECORDER_SHIM)
-    site = root / "recorder-site.yaml"
-    site.write_text(yaml.safe_dump({"setup": [f"export PYTHONPATH={shim}"]}))
-    return site
-
-
 def runs_json(capsys, runs_dir: Path) -> dict[str, dict]:
     capsys.readouterr()
     assert main(["runs", "--runs-dir", str(runs_dir), "--json"]) == 0
@@ -458,7 +431,7 @@ def test_sweep_array_cancel_preempt_runs_states_and_resubmit_heals(cluster, in_r
     fixed = job_overrides(in_root, "unused", **{"train.max_steps": max_steps, "train.ckpt_every": 100, "train.val_every": 16})
     fixed = [o for o in fixed if not o.startswith("train.keep_last=")]  # the axis
     args = ["sweep", "run", "demo", *sets(fixed), "--set", "train.keep_last=2,3,4", "--name", "arr", "--slurm",
-            "--max-concurrent", "2", "--site", str(recorder_site(in_root)), "--no-progress"]
+            "--max-concurrent", "2", "--no-progress"]
     capsys.readouterr()
     assert main(args) == 0, capsys.readouterr().err
     sweep_dir = in_root / "runs" / "sweeps" / "arr"

@@ -98,7 +98,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
         recipe = recipe_for_resume(Path(args.resume), args.overrides)
     else:
         raise UserError("fit needs a RECIPE (a name under recipes/ or a YAML path), or --resume CHECKPOINT to continue a run")
-    result = fit(recipe, resume=args.resume, progress=False if args.no_progress else None)
+    from wbscale.runs.recorder import recording_failures
+
+    with recording_failures(recipe):
+        result = fit(recipe, resume=args.resume, progress=False if args.no_progress else None)
     if not result.already_complete:
         say(f"finished at step {result.step}; run folder: {result.run_dir}")  # rank 0 only
     return 0
@@ -776,7 +779,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--name", help="sweep name (default: the recipe's name); runs go to <runs_dir>/sweeps/<name>/")
     p.add_argument("--out", metavar="FOLDER", help="sweep folder (default runs/sweeps/<name>)")
-    p.add_argument("--dry-run", action="store_true", help="list the points (with --slurm: print the job scripts); run nothing")
+    p.add_argument("--dry-run", action="store_true", help="list the points (with --slurm: print the job array's script); run nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--slurm", action="store_true", help="submit the grid as ONE SLURM job array, a task per point (job options below)")
     p.add_argument("--max-concurrent", type=int, metavar="N", help="with --slurm: at most N tasks of the array at once (SLURM's %%N)")

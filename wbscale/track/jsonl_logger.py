@@ -8,11 +8,12 @@ Non-finite floats are written as JSON's ``NaN`` / ``Infinity`` extensions (Pytho
 Exactly once: a resumed or requeued run continues from its checkpoint at step s, but the
 process that died may have logged past s. ``JSONLLogger(path, resume_step=s)`` drops the
 lines with step > s (rewriting the file atomically), and the resumed process writes no row
-at a step <= s: the checkpoint writer publishes a checkpoint only after :meth:`JSONLLogger.sync`
-made every row of its step durable (:mod:`wbscale.ckpt.writer`), so those rows are in the
-file already (a callback that re-logs step s after a resume, e.g. on the first micro-batch
-of step s+1, would duplicate them). As a safety net the first line written by a process
-also drops any older line with a larger step.
+at step s itself: the checkpoint writer publishes a checkpoint only after
+:meth:`JSONLLogger.sync` made every row of its step durable (:mod:`wbscale.ckpt.writer`), so
+those rows are in the file already (a callback that logs "at the current step" on the first
+micro-batch after the resume, when the trainer's step is still s, would duplicate them). As
+a safety net the first line written by a process also drops any older line with a larger
+step (a caller that rewinds further).
 """
 
 from __future__ import annotations
@@ -169,8 +170,8 @@ class JSONLLogger(Logger):
                 row[key] = v
         if len(row) <= ("step" in row):
             return
-        if self._resume_step is not None and step is not None and int(step) <= self._resume_step:
-            return  # already in the file, written before the checkpoint was published
+        if self._resume_step is not None and step is not None and int(step) == self._resume_step:
+            return  # the checkpoint's own step: its rows were made durable before it was published
         if self._first_write and step is not None:
             # safety net: whatever the caller passed as resume_step, never write a step
             # below one already in the file

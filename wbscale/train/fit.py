@@ -232,6 +232,9 @@ def build_callbacks(recipe: Recipe, run_dir: Path, data_dir: Path, meta: dict[st
             requeue_signal=recipe.slurm.preemption != "off",
         )
     )
+    from wbscale.runs.recorder import RunRecorder
+
+    callbacks.append(RunRecorder(recipe, run_dir))  # last: records start, progress and exit reason (wbscale runs)
     return callbacks
 
 
