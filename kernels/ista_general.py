@@ -252,7 +252,7 @@ def _forward(
     codes: list[Tensor] = []
     resid: list[Tensor | None] = []
     z = x if square else None
-    for k in range(steps):
+    for _ in range(steps):
         if z is None:
             z = _gemm(x, r.t(), eta=eta, lam=lam, relu=True)
             resid.append(None)
@@ -426,6 +426,15 @@ def _as_tensor(v: float | Tensor, like: Tensor) -> Tensor:
     return torch.tensor([float(v)], device=like.device, dtype=torch.float32)
 
 
+@torch._dynamo.disable
+def _apply(x2: Tensor, weight: Tensor, decoder: Tensor | None, eta: Tensor, lam: Tensor, steps: int,
+           square: bool) -> Tensor | tuple[Tensor, Tensor]:  # fmt: skip
+    """The autograd.Function, kept out of torch.compile's graph (a graph break, not a trace of
+    the launchers)."""
+    with torch.autocast(x2.device.type, enabled=False):
+        return _GeneralISTA.apply(x2, weight, decoder, eta, lam, steps, square)
+
+
 def ista_general_triton(
     x: Tensor,
     weight: Tensor,
@@ -458,8 +467,7 @@ def ista_general_triton(
         raise ValueError(f"ISTA: eta must be a scalar, got {eta_t.numel()} entries")
     lead = x.shape[:-1]
     x2 = x.to(dtype).reshape(-1, d).contiguous()
-    with torch.autocast(x.device.type, enabled=False):
-        out = _GeneralISTA.apply(x2, weight, decoder, eta_t, lam_t, k_steps, variant == "square")
+    out = _apply(x2, weight, decoder, eta_t, lam_t, k_steps, variant == "square")
     if variant == "square":
         y = out.reshape(*lead, d)
         return (y, y) if return_code else y

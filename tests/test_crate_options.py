@@ -421,3 +421,21 @@ def test_tiny_fit_with_every_option_on(tmp_path):
     assert loaded.model.ista_steps == 3 and loaded.model.ista_decoder == "separate"
     assert model.transformer.h[0].ista.decoder is not None
     assert model.transformer.h[0].ista.log_eta.exp().item() != 0.1  # it learned
+
+
+@pytest.mark.parametrize("name", ["all", "square_all"])
+def test_options_model_is_causal_and_decodes_the_same_with_and_without_cache(name):
+    model = perturbed(make(**OPTIONS[name]))
+    idx = tokens(t=12)
+    changed = idx.clone()
+    changed[:, 7:] = (changed[:, 7:] + 1) % 50
+    torch.testing.assert_close(model(idx)[0][:, :7], model(changed)[0][:, :7], atol=1e-6, rtol=0)
+    prompt = tokens(b=2, t=4)
+    a = model.generate(prompt, 6, temperature=0.0)
+    b = model.generate(prompt, 6, temperature=0.0, use_cache=False)
+    assert torch.equal(a, b)
+
+
+def test_save_mode_other_than_all_warns_with_the_options_on():
+    with pytest.warns(UserWarning, match="applies to the published ISTA block only"):
+        make(ista_steps=3, ista_save_activations=False)

@@ -181,16 +181,20 @@ def test_stage_table_and_command_line():
     assert gpu.main(["--list"]) == 0
 
 
-def test_peak_flops_table_tells_the_hopper_parts_apart():
-    from wbscale.bench.gpu_stages import fallback_peak_flops
+def test_peak_flops_tell_the_hopper_parts_apart(monkeypatch):
+    import torch
 
-    assert fallback_peak_flops("NVIDIA H100 80GB HBM3") == 989e12  # SXM
-    assert fallback_peak_flops("NVIDIA H100 PCIe") == 756e12
-    assert fallback_peak_flops("NVIDIA H100 NVL") == 835e12
-    assert fallback_peak_flops("NVIDIA H200") == 989e12
-    assert fallback_peak_flops("NVIDIA H200 NVL") == 835e12
-    assert fallback_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
-    assert fallback_peak_flops("Some GPU") is None
+    from wbscale.bench.gpu_stages import peak_flops
+
+    def peak(name):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+        return peak_flops(torch.device("cuda"))
+
+    assert peak("NVIDIA H100 80GB HBM3") == (989e12, "wbscale.hardware")  # SXM
+    assert peak("NVIDIA H100 PCIe")[0] == 756e12
+    assert peak("NVIDIA H200")[0] == 989e12
+    assert peak("Some GPU") == (None, "wbscale.hardware: unknown device")
+    assert peak_flops(torch.device("cpu"))[0] is None
 
 
 # --------------------------------------------------------------------------------------

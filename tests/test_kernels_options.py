@@ -191,7 +191,7 @@ def test_empty_token_batch():
 def test_gradcheck_float64(case):
     """float64 runs the same backward with the GEMMs in PyTorch: the formula, checked."""
     variant, steps = case[0], case[1]
-    x, w, dec, eta, lam, _, _ = make_inputs(case, 5, 16, seed=11)
+    x, w, dec, eta, lam, _, _ = make_inputs(case, 3, 6, seed=11)  # any shape: no Triton tile here
     leaves = [t.clone().requires_grad_() for t in (x, w) + ((dec,) if dec is not None else ())]
     eta_t = torch.as_tensor(eta, dtype=torch.float64).reshape(1).clone().requires_grad_()
     lam_t = torch.as_tensor(lam, dtype=torch.float64).reshape(-1).clone().requires_grad_()
@@ -203,7 +203,7 @@ def test_gradcheck_float64(case):
                                       lam=args[-1], return_code=True)
         return y, z
 
-    assert torch.autograd.gradcheck(f, (*leaves, eta_t, lam_t), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(f, (*leaves, eta_t, lam_t), eps=1e-6, atol=1e-5, fast_mode=True)
 
 
 @pytest.mark.parametrize("case", [CASES[1], CASES[5], CASES[8]], ids=[IDS[1], IDS[5], IDS[8]])

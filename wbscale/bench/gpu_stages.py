@@ -36,51 +36,15 @@ _PACKAGES = (
     "pyyaml", "deepspeed", "wandb", "datasets",
 )  # fmt: skip
 
-# Dense (no sparsity) bf16 tensor FLOP/s, first substring of the device name that matches
-# wins. Used only while wbscale.hardware (the lead's table) does not exist yet.
-_PEAK_BF16_FALLBACK: tuple[tuple[str, float], ...] = (
-    ("H200 NVL", 835e12),
-    ("H200", 989e12),
-    ("GH200", 989e12),
-    ("H100 NVL", 835e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),  # SXM5: "NVIDIA H100 80GB HBM3"
-    ("H800", 989e12),
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("A10G", 70e12),
-    ("L4", 121e12),
-    ("RTX 4090", 165e12),
-    ("V100", 125e12),
-)
-
 
 def peak_flops(device: torch.device) -> tuple[float | None, str]:
     """(dense bf16 peak FLOP/s of ``device`` or None, which table said so)."""
+    from wbscale.hardware import device_peak_flops
+
     if device.type != "cuda":
         return None, "none (not a GPU)"
-    try:
-        from wbscale.hardware import device_peak_flops
-
-        return device_peak_flops(device), "wbscale.hardware"
-    except ImportError:
-        pass
-    try:
-        from wbscale.train.module import device_peak_flops
-
-        return device_peak_flops(device), "wbscale.train.module"
-    except Exception:  # noqa: BLE001 - mid-refactor or a missing optional dependency
-        pass
-    flops = fallback_peak_flops(torch.cuda.get_device_name(device))
-    return flops, "wbscale.bench.gpu_stages fallback table" if flops else "unknown device"
-
-
-def fallback_peak_flops(device_name: str) -> float | None:
-    """Dense bf16 peak of a device by its CUDA name, from the fallback table."""
-    for key, flops in _PEAK_BF16_FALLBACK:
-        if key in device_name:
-            return flops
-    return None
+    peak = device_peak_flops(device)
+    return peak, "wbscale.hardware" if peak else "wbscale.hardware: unknown device"
 
 
 def _sync(device: torch.device | str) -> None:
@@ -225,12 +189,13 @@ def collect_jobs(plan: Sequence[dict[str, Any]], device) -> dict[str, dict[str, 
 
     jobs: dict[str, dict[str, Any]] = {}
     for p in plan:
-        with it.collect_compile_jobs() as found, it.trace_gemms() as launches:
-            _block_pass(
-                p["variant"], p["t"], p["d"], kbench.DTYPES[p["dtype"]], p["save"], device,
-                grad=p.get("grad", True),
-            )  # fmt: skip
-            for launch in launches:
+        with it.collect_compile_jobs() as found:
+            with it.trace_gemms() as launches:
+                _block_pass(
+                    p["variant"], p["t"], p["d"], kbench.DTYPES[p["dtype"]], p["save"], device,
+                    grad=p.get("grad", True),
+                )  # fmt: skip
+            for launch in launches:  # not traced again: the list stays as it is
                 it.replay(launch, epilogue=False)
         for job in found:
             jobs.setdefault(it.job_key(job), job)

@@ -125,6 +125,14 @@ def hf_config(model: LanguageModel, tok: Tokenizer | None, dtype: torch.dtype) -
             "reorder_and_upcast_attn": False,
         }
     if c.arch == "crate":
+        from wbscale.models.crate import nondefault_options
+
+        options = nondefault_options(c)
+        if options:
+            raise UserError(
+                f"model.{', model.'.join(options)}: the generated Hugging Face code implements the published "
+                "CRATE block only, so a model with these block options cannot be exported yet"
+            )
         return {
             "architectures": ["CrateForCausalLM"],
             "model_type": "crate",

@@ -189,7 +189,8 @@ def read_checkpoint(path: Path) -> CheckpointInfo:
     return CheckpointInfo(path=path, step=int(meta["step"]), meta=meta)
 
 
-def _step_dirs(run_dir: Path) -> list[Path]:
+def step_folders(run_dir: Path) -> list[Path]:
+    """Every ``step-*`` folder of a run (readable or not), by name."""
     root = checkpoints_dir(run_dir)
     if not root.is_dir():
         return []
@@ -203,7 +204,7 @@ def list_checkpoints(run_dir: Path, warn: Warn | None = None) -> list[Checkpoint
     (``warn(msg)``) naming the file when ``warn`` is given.
     """
     found = []
-    for child in _step_dirs(run_dir):
+    for child in step_folders(run_dir):
         try:
             found.append(read_checkpoint(child))
         except UserError as err:
@@ -342,7 +343,7 @@ def latest_intact_checkpoint(run_dir: Path, warn: Warn | None = None) -> Checkpo
     newest = latest_checkpoint(run_dir, warn=warn)
     readable = list_checkpoints(run_dir)  # (latest_checkpoint has warned about the rest)
     if newest is None:
-        if _step_dirs(run_dir):
+        if step_folders(run_dir):
             raise UserError(
                 f"no readable checkpoint in {checkpoints_dir(run_dir)} (see the warnings above); "
                 "start a new train.run_name or restore the files"

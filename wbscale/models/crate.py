@@ -22,6 +22,7 @@ path); the residual and the init scale keep the published kernel.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -141,6 +142,13 @@ class ISTA(nn.Module):
         self.save_activations = config.ista_save_activations
         self.steps = ista_steps(config)
         self.general = uses_general_block(config)
+        if self.general and config.ista_save_activations not in (True, "all"):
+            warnings.warn(
+                f"model.ista_save_activations: {config.ista_save_activations} applies to the published "
+                "ISTA block only; with the block options on, the Triton kernel keeps every code "
+                "(save mode 'all')",
+                stacklevel=2,
+            )
         self.dictionary = nn.Parameter(torch.empty(m, d))  # W; the dictionary D is W^T
         # The published CRATE code's init; the GPT-2 N(0, 0.02) init is not applied here.
         if config.ista_init_scale is None:

@@ -126,7 +126,7 @@ class SlurmPreemption(L.Callback):
             self._request = max(self._request, request)
             if signum == signal.SIGTERM and in_slurm_job():
                 self._detach_wandb()
-            elif signum == signal.SIGINT:
+            elif signum == signal.SIGINT and (self._trainer is None or self._trainer.is_global_zero):
                 say_always(
                     f"SIGINT received: saving a checkpoint at the end of step {self._step_hint()}, then exiting "
                     "(press Ctrl-C again to stop at once without saving)"

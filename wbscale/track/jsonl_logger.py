@@ -7,13 +7,13 @@ Non-finite floats are written as JSON's ``NaN`` / ``Infinity`` extensions (Pytho
 
 Exactly once: a resumed or requeued run continues from its checkpoint at step s, but the
 process that died may have logged past s. ``JSONLLogger(path, resume_step=s)`` drops the
-lines with step > s (rewriting the file atomically), and the resumed process writes no row
-at step s itself: the checkpoint writer publishes a checkpoint only after
-:meth:`JSONLLogger.sync` made every row of its step durable (:mod:`wbscale.ckpt.writer`), so
-those rows are in the file already (a callback that logs "at the current step" on the first
-micro-batch after the resume, when the trainer's step is still s, would duplicate them). As
-a safety net the first line written by a process also drops any older line with a larger
-step (a caller that rewinds further).
+lines with step > s (rewriting the file atomically), and at step s itself the resumed
+process writes only keys the file does not hold yet: the checkpoint writer publishes a
+checkpoint only after :meth:`JSONLLogger.sync` made every row logged so far durable
+(:mod:`wbscale.ckpt.writer`), so what step s logged is in the file already (a callback that
+logs "at the current step" on the first micro-batch after the resume, when the trainer's
+step is still s, would duplicate it). As a safety net the first line written by a process
+also drops any older line with a larger step (a caller that rewinds further).
 """
 
 from __future__ import annotations
@@ -126,12 +126,14 @@ class JSONLLogger(Logger):
         self._fh: IO[str] | None = None
         self._first_write = True
         self._resume_step = resume_step
+        self._present: set[str] = set()  # keys already in the file at step resume_step
         if self._rank == 0:
             if resume_step is None:
                 if path.exists():
                     atomic_write_text(path, "")
             else:
                 truncate_jsonl(path, resume_step)
+                self._present = {k for row in _read_lines(path) if row.get("step") == resume_step for k in row}
 
     # -- Logger API
     @property
@@ -171,7 +173,13 @@ class JSONLLogger(Logger):
         if len(row) <= ("step" in row):
             return
         if self._resume_step is not None and step is not None and int(step) == self._resume_step:
-            return  # the checkpoint's own step: its rows were made durable before it was published
+            # the checkpoint's own step: what it logged was made durable before the checkpoint
+            # was published; only keys not in the file yet are new (e.g. a BIMT swap of step s,
+            # done at the start of step s+1, after a clean stop at s)
+            row = {k: v for k, v in row.items() if k == "step" or k not in self._present}
+            self._present.update(row)
+            if len(row) <= 1:
+                return
         if self._first_write and step is not None:
             # safety net: whatever the caller passed as resume_step, never write a step
             # below one already in the file

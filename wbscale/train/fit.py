@@ -32,6 +32,7 @@ from wbscale.ckpt.format import (
     latest_intact_checkpoint,
     mark_verified_for_children,
     read_checkpoint,
+    step_folders,
     verify_checkpoint,
 )
 from wbscale.ckpt.rng import StepRNG
@@ -102,9 +103,11 @@ def resolve_resume(run_dir: Path, resume: str) -> CheckpointInfo | None:
         return latest_intact_checkpoint(run_dir, warn=say)
     if resume == "never":
         existing = latest_checkpoint(run_dir)
-        if existing is not None:
+        folders = step_folders(run_dir)
+        if existing is not None or folders:
+            newest = f"step {existing.step}" if existing is not None else f"{folders[-1].name}, unreadable"
             raise UserError(
-                f"{run_dir} already has checkpoints (newest: step {existing.step}); "
+                f"{run_dir} already has checkpoints (newest: {newest}); "
                 "pass --resume auto to continue it, or choose another train.run_name"
             )
         return None
