@@ -178,7 +178,9 @@ def test_stage_table_and_command_line():
     assert (args.stages, args.budget, args.quick, args.out, args.list) == (
         "env,train", 100.0, True, Path("x"), False,
     )  # fmt: skip
-    assert gpu.main(["--list"]) == 0
+    from wbscale.cli import main as cli_main
+
+    assert cli_main(["bench", "gpu", "--list"]) == 0
 
 
 def test_peak_flops_tell_the_hopper_parts_apart(monkeypatch):
@@ -299,8 +301,9 @@ assert env["torch"] and env["git_commit"] is not None, env
 row = gpu_stages.train_bench("crate", "eager", batch=1, steps=1, warmup=1, n_layer=1, n_head=2,
                              n_embd=32, block=8, vocab=32, device="cpu")
 assert row["tokens_per_s"] > 0
+from wbscale.cli import main as cli_main
 try:
-    gpu.main(["--help"])
+    cli_main(["bench", "gpu", "--help"])
 except SystemExit as e:
     assert e.code == 0
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("deepspeed", "wandb", "datasets"))
@@ -332,7 +335,7 @@ def test_gpu_check_on_cpu_runs_stage_one_and_says_no_gpu(tmp_path, blocked_env):
     """The real command, with the blocked modules in the child processes too."""
     out = tmp_path / "results"
     proc = subprocess.run(
-        [sys.executable, "-m", "wbscale.bench.gpu", "--out", str(out)], env=blocked_env,
+        [sys.executable, "-m", "wbscale.cli", "bench", "gpu", "--out", str(out)], env=blocked_env,
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     if gpu.gpu_present():  # pragma: no cover - a GPU machine runs everything

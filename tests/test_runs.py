@@ -258,11 +258,18 @@ def test_recipe_ref_and_exit_classification():
     assert classify(RuntimeError("boom")) == ("error", 1, "RuntimeError: boom")
 
 
+def test_bad_input_for_a_new_run_writes_nothing(tmp_path):
+    recipe = SimpleNamespace(run_dir=tmp_path / "runs" / "new", train=SimpleNamespace(runs_dir=str(tmp_path / "runs")))
+    with pytest.raises(UserError), recording_failures(recipe):
+        raise UserError("bad")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_cli_records_bad_input_and_resubmit_never_retries_it(tmp_path):
     recipe = SimpleNamespace(run_dir=tmp_path / "runs" / "bad", train=SimpleNamespace(runs_dir=str(tmp_path / "runs")))
+    make_run(tmp_path / "runs", "bad")  # an existing run (submitted, or resumed) that fails on bad input
     with pytest.raises(UserError), recording_failures(recipe):
         raise UserError("model.n_embd (30) must be divisible by model.n_head (4)")
-    make_run(tmp_path / "runs", "bad")
     (row,) = list_runs(tmp_path / "runs")
     assert (row.state, row.bad_input) == ("failed", True) and "divisible" in row.reason
     (action,) = heal.resubmit(tmp_path / "runs", failed=True)

@@ -264,6 +264,12 @@ def cmd_bench_bimt(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_gpu(args: argparse.Namespace) -> int:
+    from wbscale.bench.gpu import run_from_args
+
+    return run_from_args(args)
+
+
 def cmd_bench_generate(args: argparse.Namespace) -> int:
     from wbscale.bench.generate import bench_generate
 
@@ -701,6 +707,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="sequences per train step (default 1)")
     p.add_argument("--seq", type=int, default=1024, help="tokens per sequence (default 1024)")
     p.set_defaults(func=cmd_bench_bimt)
+    from wbscale.bench.gpu import add_arguments as add_gpu_check_arguments
+
+    p = bench.add_parser(
+        "gpu", help="the GPU proof in one command (make gpu-check): environment, kernel correctness and speed, "
+        "per-GEMM breakdown, training MFU, generation; each stage time-limited, its JSON written as it ends",
+    )
+    add_gpu_check_arguments(p)
+    p.set_defaults(func=cmd_bench_gpu)
     p = bench.add_parser(
         "generate", parents=[device_args],
         help="generate() tokens/s with and without the attention cache, CRATE vs GPT-2 at one shape (JSON)",

@@ -45,7 +45,9 @@ class ModelConfig:
     ista_kernel: Literal["auto", "triton", "eager", "compile"] = "auto"
     # Triton kernel only: keep (z1, u, z2) for backward (fast) or recompute them from x
     # (+3 GEMMs, saves ~3 T x m activations per layer).
-    ista_save_activations: bool = True
+    # what the ISTA kernel keeps for backward: true = "all" codes, false = "x" only (recompute,
+    # +3 GEMMs), "x_u" = x and u (recompute z1, z2: +2 GEMMs, ~0.2x eager's activation memory)
+    ista_save_activations: bool | Literal["all", "x_u", "x"] = True
     # CRATE block options (docs/architecture.md, "CRATE block options"); every default is the
     # published CRATE LM. residual: x + ISTA(LN2(x)) instead of ISTA(LN2(x)) (CRATE-alpha).
     ista_residual: bool = False
@@ -180,7 +182,8 @@ class SlurmConfig:
     signal: Literal["USR1", "TERM"] = "USR1"
     grace_seconds: int = 90
     requeue: bool = True
-    # auto: handle the signals when running inside a SLURM job; on: always; off: never
+    # The requeue signal: auto/on handled (requeue inside SLURM, else checkpoint + exit 75);
+    # off: left alone. SIGTERM / SIGINT always checkpoint at the next step and stop.
     preemption: Literal["auto", "on", "off"] = "auto"
 
 

@@ -25,7 +25,9 @@ class GPU:
 
 # Order matters for name matching: the more specific name first (H100 PCIe before H100).
 GPUS: dict[str, GPU] = {
+    "h200-nvl-141gb": GPU(141 * GB, 835e12, ("H200 NVL",)),
     "h200-141gb": GPU(141 * GB, 989e12, ("H200",)),
+    "h800-80gb": GPU(80 * GB, 989e12, ("H800",)),
     "h100-pcie-80gb": GPU(80 * GB, 756e12, ("H100 PCIe",)),
     "h100-nvl-94gb": GPU(94 * GB, 835e12, ("H100 NVL",)),
     "h100-80gb": GPU(80 * GB, 989e12, ("H100",)),  # SXM (HBM3)

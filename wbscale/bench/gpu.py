@@ -50,7 +50,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["STAGES", "Stage", "StageContext", "add_arguments", "main", "run_gpu_check"]
+__all__ = ["STAGES", "Stage", "StageContext", "add_arguments", "run_gpu_check"]
 
 DEFAULT_BUDGET_S = 470.0  # 8 minutes, less a margin for the interpreter start and the summary
 MIN_STAGE_S = 15.0  # a stage with less time than this left is skipped, not started
@@ -136,8 +136,12 @@ def _resolve(target: str) -> Callable[[StageContext], dict[str, Any] | None]:
     return getattr(importlib.import_module(module), function)
 
 
-def _child_main(argv: Sequence[str]) -> int:
-    """``python -m wbscale.bench.gpu --child NAME TARGET OUT DEADLINE [--quick]``."""
+# How a stage's own process starts (process isolation for the time limit, not a command).
+CHILD_CODE = "import sys; from wbscale.bench.gpu import child_main; sys.exit(child_main(sys.argv[1:]))"
+
+
+def child_main(argv: Sequence[str]) -> int:
+    """One stage in its own process: ``NAME TARGET OUT DEADLINE [--quick]``."""
     name, target, out, deadline = argv[:4]
     ctx = StageContext(name, Path(out), float(deadline), quick="--quick" in argv[4:])
     ctx._write("running")
@@ -212,7 +216,7 @@ def _run_stage(
 ) -> dict[str, Any]:
     """Run one stage in a child process group; kill the group at ``limit_s``."""
     deadline = time.time() + limit_s
-    cmd = [python, "-m", "wbscale.bench.gpu", "--child", stage.name, stage.target, str(path)]
+    cmd = [python, "-c", CHILD_CODE, stage.name, stage.target, str(path)]
     cmd += [f"{deadline:.3f}"] + (["--quick"] if quick else [])
     tail: deque[str] = deque(maxlen=60)
     cache = _triton_cache_dir()
@@ -431,19 +435,3 @@ def run_from_args(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"wbscale bench gpu: {err}", file=sys.stderr)
         return 2
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``wbscale bench gpu [--out DIR] [--stages a,b] [--budget S] [--quick] [--list]``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--child"]:
-        return _child_main(argv[1:])
-    parser = argparse.ArgumentParser(
-        prog="wbscale bench gpu", description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
-    return run_from_args(add_arguments(parser).parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -18,7 +18,6 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -875,9 +874,3 @@ _SUMMARIES: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "train": _summary_train,
     "generate": _summary_generate,
 }
-
-if __name__ == "__main__":  # pragma: no cover - `python -m wbscale.bench.gpu_stages`: env only
-    import json
-
-    json.dump(environment(), sys.stdout, indent=2, default=str)
-    print()

@@ -75,7 +75,15 @@ def load_for_inference(
         tok_path = Path(tokenizer)
         if not tok_path.is_file():
             raise UserError(f"{tok_path}: tokenizer file not found (expected a tokenizer.json)")
-    tok = Tokenizer.from_file(str(tok_path)) if tok_path is not None else None
+    tok = None
+    if tok_path is not None:
+        try:
+            tok = Tokenizer.from_file(str(tok_path))
+        except Exception as err:  # the Rust side raises plain Exception for a bad file
+            raise UserError(
+                f"{tok_path}: not a valid tokenizer.json ({err}); pass --tokenizer with a file saved by "
+                "the `tokenizers` library (e.g. the run's data folder's tokenizer.json)"
+            ) from None
     return model.to(device).eval(), recipe, tok
 
 

@@ -223,13 +223,17 @@ class RunRecorder(L.Callback):
 @contextlib.contextmanager
 def recording_failures(recipe: Any) -> Iterator[None]:
     """Around ``fit(recipe)`` in the CLI: a UserError (exit 2) becomes a ``fail`` event of
-    the run (global rank 0 only), so ``runs`` shows it and ``runs resubmit`` never retries it."""
+    the run (global rank 0 only), so ``runs`` shows it and ``runs resubmit`` never retries it.
+
+    Only for a run that exists already (a submitted, resumed or requeued one): bad input
+    for a new run writes nothing at all.
+    """
     try:
         yield
     except UserError as err:
         from wbscale.ranks import launch_rank
 
-        if launch_rank() == 0:
+        if launch_rank() == 0 and Path(recipe.run_dir).is_dir():
             with contextlib.suppress(Exception):
                 run_dir = Path(recipe.run_dir)
                 store.register(Path(recipe.train.runs_dir), run_dir, recipe=recipe_ref_from_argv())

@@ -177,7 +177,7 @@ class SampleGeneration(Callback):
         if not trainer.is_global_zero:
             return
         if not self._truncated:
-            truncate_jsonl(self.out_path, step)  # a resumed run rewrites what it redoes
+            truncate_jsonl(self.out_path, step - 1)  # a resumed run rewrites what it redoes, from this step on
             self._truncated = True
         self.out_path.parent.mkdir(parents=True, exist_ok=True)
         rows = [{"step": step, "prompt": p, "text": t} for p, t in zip(self.prompts, texts, strict=True)]

@@ -181,6 +181,7 @@ def read_offline_run(run_dir_or_wandb_file: str | os.PathLike[str], run_id: str 
     summary: dict[str, Any] = result["summary"]
     seen_files: set[str] = set()
     for f in files:
+        first_step: int | None = None  # a resumed segment replaces what earlier ones logged from here on
         for rec in iter_records(f):
             kind = rec.WhichOneof("record_type")
             if kind == "run":
@@ -200,6 +201,11 @@ def read_offline_run(run_dir_or_wandb_file: str | os.PathLike[str], run_id: str 
                     _set(row, _item_path(item), _item_value(item))
                 if "_step" not in row:
                     row["_step"] = rec.history.step.num
+                if first_step is None:
+                    # the same rule as metrics.jsonl: a killed process's rows past the
+                    # checkpoint the next segment resumed from are dropped
+                    first_step = int(row["_step"])
+                    result["history"] = [r for r in result["history"] if int(r["_step"]) < first_step]
                 result["history"].append(row)
             elif kind == "summary":
                 for item in rec.summary.update:
