@@ -37,9 +37,9 @@ def say(msg: str, topic: str | None = None) -> None:
         print(prefix + msg, file=sys.stderr, flush=True)
 
 
-def say_always(msg: str) -> None:
+def say_always(msg: str, prefix: str = "[wbscale]") -> None:
     """Print a ``[wbscale] …`` line from whichever rank calls (signal handlers, per-rank events)."""
-    print(f"[wbscale] {msg}", file=sys.stderr, flush=True)
+    print(f"{prefix} {msg}", file=sys.stderr, flush=True)
 
 
 def wait_for_rank_zero(path: Path, what: str, poll_s: float = 0.5) -> None:

@@ -40,6 +40,12 @@ from wbscale.provenance import run_environment
 from wbscale.ranks import launch_rank, say_always
 
 WANDB_ID_FILE = "wandb_id.txt"
+
+
+def _say(msg: str) -> None:
+    """wandb's lines keep their ``wbscale:`` prefix (what users grep their logs for)."""
+    say_always(msg, prefix="wbscale:")
+
 DEFAULT_INIT_TIMEOUT = 20.0
 DEFAULT_FINISH_TIMEOUT = 120.0
 PROBE_TIMEOUT = 3.0
@@ -203,7 +209,7 @@ class WandbStepLogger(WandbLogger):
         current = int(getattr(run, "step", 0) or 0)
         if step < current:
             if not self._warned_rewind:
-                say_always(
+                _say(
                     f"wandb: dropping metrics at step {step} < wandb's current step {current} "
                     "(already logged by an earlier segment of this run)"
                 )
@@ -281,7 +287,7 @@ def _init_run(
         else:
             try:
                 run = init("online")
-                say_always(f"wandb: online run {run_id}: {getattr(run, 'url', '')}")
+                _say(f"wandb: online run {run_id}: {getattr(run, 'url', '')}")
                 return run
             except Exception as err:  # noqa: BLE001 - any failure to start online means offline
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -302,9 +308,9 @@ def _init_run(
     run = init("offline")
     sync_dir = getattr(run.settings, "sync_dir", None) or str(run_dir / "wandb")
     if warning:
-        say_always(f"wandb: WARNING {warning}; logging offline run {run_id}, upload it later with: wandb sync {sync_dir}")
+        _say(f"wandb: WARNING {warning}; logging offline run {run_id}, upload it later with: wandb sync {sync_dir}")
     else:
-        say_always(f"wandb: offline run {run_id} ({reason}); upload it later with: wandb sync {sync_dir}")
+        _say(f"wandb: offline run {run_id} ({reason}); upload it later with: wandb sync {sync_dir}")
     return run
 
 
@@ -334,7 +340,7 @@ def make_wandb_logger(
         return None
     if importlib.util.find_spec("wandb") is None:
         if rank == 0:
-            say_always(
+            _say(
                 "wandb is not installed: metrics go to metrics.jsonl only "
                 f"(pip install '{extra_requirement('wandb')}' to track runs in wandb)"
             )
