@@ -50,7 +50,7 @@ def test_kernels_pass_under_triton_3_6(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     env.pop("PYTHONPATH", None)
     version = _run([str(py), "-c", "import triton, wbscale.kernels as k; print(triton.__version__, k.__file__)"],
-                   120, env=env).stdout
+                   120, env=env, cwd=tmp_path).stdout
     assert version.startswith("3.6.0") and str(ROOT) not in version, version
     kernel_tests = ROOT / "tests" / "test_kernels.py"
     tests = [f"{kernel_tests}::{name}" for name in (
