@@ -117,12 +117,12 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from wbscale.ckpt.load import load_for_inference
+    from wbscale.ckpt.load import load_for_inference, require_training_data
     from wbscale.data.loader import val_batches
     from wbscale.inference import evaluate
 
     model, recipe, _ = load_for_inference(args.ckpt, device=_device(args.device))
-    data_dir = Path(args.data or recipe.data.out_dir)
+    data_dir = require_training_data(args.ckpt, args.data)
     batches = val_batches(data_dir, recipe.model.block_size, args.batch_size, args.batches)
     result = evaluate(model, batches)
     print(json.dumps({"ckpt": str(args.ckpt), "data": str(data_dir), **result}, indent=2))

@@ -24,7 +24,7 @@ import torch
 from wbscale.ckpt.format import CheckpointInfo, read_checkpoint, verify_checkpoint
 from wbscale.ckpt.load import TOKENIZER_FILE, export_folder
 from wbscale.config import Recipe, recipe_from_dict
-from wbscale.errors import UserError
+from wbscale.errors import UserError, require
 from wbscale.models import build_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -34,6 +34,7 @@ def full_state_dict(info: CheckpointInfo) -> dict[str, torch.Tensor]:
     """The LightningModule's full fp32 state dict (``model.…`` keys) of any checkpoint."""
     verify_checkpoint(info)
     if info.model_path.is_dir():
+        require("deepspeed", "deepspeed", "reading a sharded (ZeRO) checkpoint")
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         quiet = io.StringIO()

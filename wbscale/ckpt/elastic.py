@@ -49,7 +49,7 @@ import torch
 
 from wbscale.ckpt.format import CheckpointInfo, read_checkpoint, verify_checkpoint
 from wbscale.config import Recipe, recipe_from_dict
-from wbscale.errors import UserError
+from wbscale.errors import UserError, require
 from wbscale.models import CRATE, build_model
 from wbscale.ranks import is_rank_zero, say, wait_for_rank_zero
 
@@ -171,6 +171,7 @@ def ensure_universal(ckpt: CheckpointInfo, recipe: Recipe | None = None) -> Path
 
 
 def _shards_to_universal(ckpt: CheckpointInfo, out: Path) -> None:
+    require("deepspeed", "deepspeed", "converting a DeepSpeed checkpoint to another topology")
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
     args = argparse.Namespace(

@@ -47,8 +47,51 @@ def _load_training_checkpoint(path: Path) -> tuple[LanguageModel, Recipe, Path |
         raise UserError(f"{model_path}: unreadable checkpoint ({type(err).__name__}: {str(err)[:200]})") from None
     weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     model.load_state_dict(weights)
-    tokenizer = Path(info.meta.get("data_dir", recipe.data.out_dir)) / TOKENIZER_FILE
-    return model, recipe, tokenizer if tokenizer.is_file() else None
+    return model, recipe, _run_tokenizer(info.path, info.meta, recipe)
+
+
+def _run_tokenizer(ckpt_dir: Path, meta: dict, recipe: Recipe) -> Path | None:
+    """The tokenizer of a training checkpoint: the run folder's copy (so a moved or copied
+    run still generates), else the training data folder's."""
+    run_dir = ckpt_dir.parent.parent  # runs/<run>/checkpoints/step-…
+    for folder in (ckpt_dir, run_dir, meta.get("data_dir"), recipe.data.out_dir):
+        if folder is not None and (Path(folder) / TOKENIZER_FILE).is_file():
+            return Path(folder) / TOKENIZER_FILE
+    return None
+
+
+def training_data_dir(path: str | Path) -> Path | None:
+    """The prepared data folder a run / checkpoint / export was trained on, if it is here.
+
+    Training checkpoints record it as an absolute path (so the run folder can move and
+    commands work from any folder); older ones and export folders fall back to the recipe's
+    ``data.out_dir`` (relative to the working folder). None when neither holds a manifest.
+    """
+    path = Path(path)
+    candidates: list[str | None] = []
+    if (path / WEIGHTS_FILE).is_file() and (path / RECIPE_FILE).is_file():
+        candidates.append(recipe_from_dict(yaml.safe_load((path / RECIPE_FILE).read_text())).data.out_dir)
+    else:
+        info = read_checkpoint(path)
+        candidates += [info.meta.get("data_dir"), recipe_from_dict(info.meta["recipe"]).data.out_dir]
+    for folder in candidates:
+        if folder is not None and (Path(folder) / "manifest.json").is_file():
+            return Path(folder)
+    return None
+
+
+def require_training_data(path: str | Path, data: str | Path | None) -> Path:
+    """``data`` (``--data``) if given, else the checkpoint's training data folder; a UserError
+    saying to pass ``--data`` when that is not on this machine (a run copied elsewhere)."""
+    if data is not None:
+        return Path(data)
+    found = training_data_dir(path)
+    if found is None:
+        raise UserError(
+            f"{path}: the data it was trained on is not here (a moved or copied run?); pass --data DIR, "
+            "a folder written by `wbscale data prepare` with the same tokenizer"
+        )
+    return found
 
 
 def _load_inference_folder(path: Path) -> tuple[LanguageModel, Recipe, Path | None]:

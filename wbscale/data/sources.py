@@ -44,7 +44,7 @@ import numpy as np
 
 from wbscale.config import DataConfig
 from wbscale.data.synthetic import iter_stories
-from wbscale.errors import UserError, did_you_mean
+from wbscale.errors import UserError, did_you_mean, require
 
 __all__ = [
     "SUFFIXES",
@@ -384,6 +384,7 @@ def _iter_jsonl(path: Path, cfg: DataConfig) -> Iterator[str]:
 
 
 def _parquet_file(path: Path, field: str) -> Any:
+    require("pyarrow", "hf", "a .parquet data source")
     import pyarrow.parquet as pq
 
     try:
@@ -421,6 +422,7 @@ def _iter_hf(cfg: DataConfig) -> Iterator[str]:
             "e.g. hf:roneneldan/TinyStories"
         )
     try:
+        require("datasets", "hf", "data.source: hf:…")
         import datasets
     except ImportError:
         raise UserError(

@@ -352,7 +352,7 @@ def _setup(
     top_k: int, split: str, batch_size: int, units: str,
 ) -> tuple[torch.nn.Module, _Plan, TokenStream]:
     """Load the model (on CPU) and the data; check that they fit the request."""
-    from wbscale.ckpt.load import load_for_inference
+    from wbscale.ckpt.load import load_for_inference, require_training_data
     from wbscale.data.shards import SPLITS
 
     if split not in SPLITS:
@@ -371,12 +371,7 @@ def _setup(
         )
     layer_ids = parse_layers(layers, model.config.n_layer)
 
-    data = Path(data_dir) if data_dir is not None else Path(recipe.data.out_dir)
-    if data_dir is None and not (data / "manifest.json").is_file():
-        raise UserError(
-            f"{ckpt}: its recipe's data folder '{data}' holds no prepared data; pass --data DIR "
-            "(a folder written by `wbscale data prepare`, tokenized like the model)"
-        )
+    data = require_training_data(ckpt, data_dir)
     stream = TokenStream(data, split)
     if stream.total == 0:
         raise UserError(

@@ -19,13 +19,13 @@ def checkpoint_metrics(
     batch_size: int = 8, device: str = "cpu",
 ) -> dict[str, Any]:
     """Compute white-box metrics for ``ckpt`` on held-out data; write JSON + PNGs to ``out_dir``."""
-    from wbscale.ckpt.load import load_for_inference
+    from wbscale.ckpt.load import load_for_inference, require_training_data
     from wbscale.data.loader import val_batches
     from wbscale.track.plots import plot_whitebox
     from wbscale.track.whitebox import whitebox_metrics
 
     model, recipe, _ = load_for_inference(ckpt, device=device)
-    data = Path(data_dir or recipe.data.out_dir)
+    data = require_training_data(ckpt, data_dir)
     if not (data / "manifest.json").is_file():
         raise UserError(f"{data}: no prepared data here; pass --data DIR (a folder written by `wbscale data prepare`)")
     x, _ = val_batches(data, recipe.model.block_size, batch_size, 1)[0]

@@ -40,9 +40,9 @@ from wbscale.ckpt.writer import AtomicCheckpoint
 from wbscale.config import Recipe, recipe_from_dict, save_recipe
 from wbscale.data.manifest import MANIFEST_FILE, load_manifest
 from wbscale.data.prepare import prepare
-from wbscale.data.tokenizer import load_tokenizer
+from wbscale.data.tokenizer import TOKENIZER_FILE, load_tokenizer
 from wbscale.errors import UserError
-from wbscale.io import atomic_write_json
+from wbscale.io import atomic_write_bytes, atomic_write_json
 from wbscale.ranks import is_rank_zero, say, wait_for_rank_zero
 from wbscale.sizing import padded_vocab
 from wbscale.slurm.preemption import cluster_plugins
@@ -300,6 +300,8 @@ def _fit_locked(
     if is_rank_zero():
         run_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, run_dir / "recipe.yaml")
+        # the run carries its tokenizer: generate / export work on a copied or moved run folder
+        atomic_write_bytes(run_dir / TOKENIZER_FILE, (data_dir / TOKENIZER_FILE).read_bytes())
 
     from wbscale.track.wandb_run import wandb_run_id
 
@@ -310,7 +312,7 @@ def _fit_locked(
         "recipe": recipe.to_dict(),
         "tokenizer_sha256": tokenizer_sha,
         "wandb_id": wandb_run_id(run_dir),
-        "data_dir": str(data_dir),
+        "data_dir": str(data_dir.resolve()),  # absolute: the run folder may move, commands run anywhere
     }
     module = LMModule(recipe, extra_state={"tokenizer_sha256": tokenizer_sha, "wandb_id": meta["wandb_id"]})
     if ckpt is None and recipe.bimt.init_from:
