@@ -49,6 +49,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .ista_triton import _input_dtype
 from .reference import ista_general_reference, published_steps
 
 __all__ = ["forward_codes", "ista_general_triton"]
@@ -408,16 +409,7 @@ def _check(x: Tensor, weight: Tensor, decoder: Tensor | None, variant: str) -> N
         )
 
 
-def _compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    if x.dtype != weight.dtype:
-        raise TypeError(
-            f"ISTA: x is {x.dtype} but the dictionary weight is {weight.dtype}; cast one, or "
-            "run under torch.autocast"
-        )
-    return x.dtype
+_compute_dtype = _input_dtype  # the same rule as the published block's kernel
 
 
 def _as_tensor(v: float | Tensor, like: Tensor) -> Tensor:

@@ -13,7 +13,6 @@ kernels and kernel bench: nothing from deepspeed, wandb or datasets, and not lig
 from __future__ import annotations
 
 import datetime as _dt
-import importlib.metadata
 import os
 import platform
 import shutil
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 
 from wbscale.bench import kernels as kbench
+from wbscale.provenance import package_versions
 
 VARIANTS = ("overcomplete", "square")
 ETA = LAM = 0.1
@@ -62,16 +62,6 @@ def _require_cuda() -> torch.device:
 # --------------------------------------------------------------------------------------
 
 
-def _package_versions() -> dict[str, str | None]:
-    versions = {}
-    for name in _PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
 def _nvidia_smi() -> dict[str, str]:
     smi = shutil.which("nvidia-smi")
     if smi is None:
@@ -104,7 +94,7 @@ def environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         **{k: v for k, v in kbench._versions().items() if k != "python"},
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "packages": _package_versions(),
+        "packages": package_versions(_PACKAGES),
         "triton_cache_dir": os.environ.get("TRITON_CACHE_DIR", "~/.triton/cache"),
         "cuda_available": torch.cuda.is_available(),
     }

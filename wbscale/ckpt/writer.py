@@ -57,7 +57,7 @@ from wbscale.ckpt.format import (
 from wbscale.ckpt.rng import load_rank_rng, save_rank_rng
 from wbscale.dist import zero_stage_of
 from wbscale.errors import UserError
-from wbscale.io import atomic_write_json, atomic_write_text, fsync_dir
+from wbscale.io import atomic_write_json, atomic_write_text, fsync_dir, fsync_file
 
 FAULT_ENV = "WBSCALE_FAULT"
 FAULT_POINTS = (
@@ -92,14 +92,6 @@ def _owner(rel: str) -> int:
         if found:
             return int(found.group(1))
     return 0
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def trash(folder: Path, step: int = -1) -> None:
@@ -347,7 +339,7 @@ class AtomicCheckpoint(L.Callback):
         digests = hash_files(mine)
         out = {}
         for path in mine:
-            _fsync_file(path)
+            fsync_file(path)
             out[path.relative_to(tmp).as_posix()] = (path.stat().st_size, digests[path])
         return out
 

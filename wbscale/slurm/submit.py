@@ -41,6 +41,27 @@ class SubmitResult:
     script_path: Path | None = None
 
 
+def _sbatch(sbatch: str, script: str, workdir: Path, undo: Any, write_files: Any, what: str) -> str:
+    """Write the job's files, sbatch the script, return the job id; on any failure undo the files."""
+    try:
+        write_files()
+        proc = subprocess.run(
+            [sbatch, "--parsable"], input=script, capture_output=True, text=True, timeout=SBATCH_TIMEOUT,
+            cwd=workdir,
+        )
+    except subprocess.TimeoutExpired:
+        undo.rollback()
+        raise UserError(f"sbatch did not answer within {SBATCH_TIMEOUT:.0f}s (is slurmctld up? try `sinfo`)") from None
+    except BaseException:
+        undo.rollback()
+        raise
+    if proc.returncode != 0:
+        undo.rollback()
+        message = (proc.stderr or proc.stdout).strip() or f"exit status {proc.returncode}"
+        raise UserError(f"sbatch refused the {what}: {message}")
+    return proc.stdout.strip().split(";")[0]
+
+
 def require_tool(name: str) -> str:
     """Absolute path of a SLURM client command, or a UserError saying it is missing."""
     path = shutil.which(name)
@@ -92,26 +113,14 @@ def submit(
         )
 
     undo = _Undo()
-    try:
+
+    def write_files() -> None:
         undo.mkdir(run_dir)
         undo.mkdir(spec.slurm_dir)
         undo.replace_file(run_dir / "recipe.yaml")
         save_recipe(recipe, run_dir / "recipe.yaml")
-        proc = subprocess.run(
-            [sbatch, "--parsable"], input=script, capture_output=True, text=True, timeout=SBATCH_TIMEOUT,
-            cwd=workdir,
-        )
-    except subprocess.TimeoutExpired:
-        undo.rollback()
-        raise UserError(f"sbatch did not answer within {SBATCH_TIMEOUT:.0f}s (is slurmctld up? try `sinfo`)") from None
-    except BaseException:
-        undo.rollback()
-        raise
-    if proc.returncode != 0:
-        undo.rollback()
-        message = (proc.stderr or proc.stdout).strip() or f"exit status {proc.returncode}"
-        raise UserError(f"sbatch refused the job: {message}")
-    job_id = proc.stdout.strip().split(";")[0]
+
+    job_id = _sbatch(sbatch, script, workdir, undo, write_files, "job")
     script_path = spec.slurm_dir / f"job-{job_id}.sbatch"
     script_path.write_text(script)
     append_event(
@@ -246,7 +255,8 @@ def submit_array(
                 f"wait for it, or stop it with: wbscale slurm cancel {run_dirs[task]}"
             )
     undo = _Undo()
-    try:
+
+    def write_files() -> None:
         undo.mkdir(spec.slurm_dir)
         for task in tasks:
             undo.mkdir(run_dirs[task])
@@ -254,21 +264,8 @@ def submit_array(
             save_recipe(recipes[task], run_dirs[task] / "recipe.yaml")
         undo.replace_file(spec.points_file)
         atomic_write_text(spec.points_file, "".join(f"{d}\n" for d in run_dirs))
-        proc = subprocess.run(
-            [sbatch, "--parsable"], input=script, capture_output=True, text=True, timeout=SBATCH_TIMEOUT,
-            cwd=workdir,
-        )
-    except subprocess.TimeoutExpired:
-        undo.rollback()
-        raise UserError(f"sbatch did not answer within {SBATCH_TIMEOUT:.0f}s (is slurmctld up? try `sinfo`)") from None
-    except BaseException:
-        undo.rollback()
-        raise
-    if proc.returncode != 0:
-        undo.rollback()
-        message = (proc.stderr or proc.stdout).strip() or f"exit status {proc.returncode}"
-        raise UserError(f"sbatch refused the job array: {message}")
-    job_id = proc.stdout.strip().split(";")[0]
+
+    job_id = _sbatch(sbatch, script, workdir, undo, write_files, "job array")
     script_path = spec.slurm_dir / f"job-{job_id}.sbatch"
     script_path.write_text(script)
     common = dict(
