@@ -70,7 +70,7 @@ def build_manifest(
         "source": cfg.source,
         "tokenizer": {
             "file": TOKENIZER_FILE,
-            "kind": "bpe" if cfg.tokenizer == "bpe" else "file",
+            "kind": cfg.tokenizer if cfg.tokenizer in ("bpe", "char") else "file",
             "from": cfg.tokenizer,
         },
         **header,

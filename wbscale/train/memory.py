@@ -88,6 +88,10 @@ def _resolved_vocab(recipe: Recipe) -> tuple[int, str | None]:
         return m.vocab_size, None
     if d.tokenizer == "bpe":
         return padded_vocab(d.vocab_size), None
+    if d.tokenizer == "char":
+        from wbscale.data.tokenizer import expected_vocab_size
+
+        return padded_vocab(expected_vocab_size(d) or 128), None
     try:
         from tokenizers import Tokenizer
 
