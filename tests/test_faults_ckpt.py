@@ -59,6 +59,13 @@ def overrides(tmp: Path, run: str, **extra: object) -> list[str]:
     return tiny_overrides(tmp, run, **{**BASE, **extra})
 
 
+# what a launcher (Lightning, torchrun, wandb) exports to the processes it starts
+LAUNCH_VARIABLES = {
+    "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "GLOBAL_RANK", "RANK", "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE", "GROUP_RANK", "WANDB_SERVICE",
+}
+
+
 def _child(argv: list[str], env: dict[str, str], log: str) -> None:
     out = open(log, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - the child exits with it open
     os.dup2(out.fileno(), 1)
@@ -66,8 +73,8 @@ def _child(argv: list[str], env: dict[str, str], log: str) -> None:
     sys.stdout = sys.stderr = out
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
-    for key in [k for k in os.environ if k.startswith("SLURM_")]:
-        del os.environ[key]  # outside SLURM, even when the tests run in a job
+    for key in [k for k in os.environ if k.startswith("SLURM_") or k in LAUNCH_VARIABLES]:
+        del os.environ[key]  # outside SLURM and any launcher, even when the tests run in a job
     os.environ.update(env)
     import torch
 

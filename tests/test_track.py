@@ -361,6 +361,48 @@ def test_offline_wandb_run_reads_back_and_resumes_the_same_run(wandb_env, capsys
     assert make_wandb_logger(_recipe("disabled"), run_dir) is None
 
 
+def _wandb_child(run_dir: str, hold: bool) -> None:
+    from wbscale.track.wandb_run import finish_wandb, make_wandb_logger
+
+    logger = make_wandb_logger(_recipe("offline"), run_dir)
+    logger.log_metrics({"train/loss": 1.0}, step=1)
+    if hold:
+        time.sleep(600)  # killed here, holding the run
+    finish_wandb(logger)
+    os._exit(0)
+
+
+def test_a_killed_child_does_not_leave_its_run_id_busy_in_the_parents_service(wandb_env):
+    """A process with a wandb service of its own forks a run that is killed with SIGKILL:
+    the resumed run (same id) must start, not be refused with "run ID ... is in use"."""
+    import multiprocessing
+    import signal
+
+    import wandb
+
+    from wbscale.track.wandb_run import wandb_run_id
+
+    # as after any earlier in-process run: the run is finished, this process's service lives on
+    wandb.init(mode="offline", dir=str(wandb_env), settings=wandb.Settings(silent=True)).finish()
+    assert os.environ.get("WANDB_SERVICE"), "wandb no longer exports its service: revisit the fix"
+    run_dir = str(wandb_env / "runs" / "child")
+    ctx = multiprocessing.get_context("fork")
+    first = ctx.Process(target=_wandb_child, args=(run_dir, True))
+    first.start()
+    deadline = time.monotonic() + 60
+    while not wandb_run_id(Path(run_dir)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)  # the run is registered with a service
+    os.kill(first.pid, signal.SIGKILL)
+    first.join()
+    second = ctx.Process(target=_wandb_child, args=(run_dir, False))
+    second.start()
+    second.join(120)
+    if second.exitcode is None:
+        second.kill()
+    assert second.exitcode == 0, "the resumed run did not start (run id still busy?)"
+
+
 class _Answer500(BaseHTTPRequestHandler):
     """A W&B server that is up but fails every request."""
 

@@ -262,6 +262,12 @@ def _init_run(
     active = wandb.run
     if active is not None and active.id == run_id:
         return active
+    # A run belongs to the process that trains it: never register it with a service that
+    # another process started (WANDB_SERVICE is inherited through fork and exec). If this
+    # process is killed, that service would hold the run id, and the resumed run would be
+    # refused with "run ID ... is in use". A service this process started is kept: wandb
+    # reuses its own connection without reading the variable again.
+    os.environ.pop("WANDB_SERVICE", None)
 
     def settings(m: str) -> Any:
         kw: dict[str, Any] = dict(silent=True, init_timeout=init_timeout)
@@ -292,9 +298,7 @@ def _init_run(
             except Exception as err:  # noqa: BLE001 - any failure to start online means offline
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 warning = f"could not start online ({first})"
-                # the failed attempt keeps the run id busy in the wandb service: stop it,
-                # and start a service of our own rather than reuse a parent's (WANDB_SERVICE)
-                os.environ.pop("WANDB_SERVICE", None)
+                # the failed attempt keeps the run id busy in the wandb service: stop it
                 wandb.teardown()
                 try:  # and the half-started run's error telemetry with it
                     from wandb.analytics.opentelemetry import opentelemetry_proxy
