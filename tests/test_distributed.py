@@ -113,6 +113,9 @@ class Runs:
     def _zero2(self) -> Path:
         return fit_cli(self.tmp, "zero2", **zero(2, **TWO, **LAST_ONLY))
 
+    def _zero3_chunked(self) -> Path:  # the LM-head loss in chunks: ZeRO-3 gathers the tied weight
+        return fit_cli(self.tmp, "zero3-chunked", **zero(3, **TWO, **LAST_ONLY), **{"train.loss_chunk": 24})
+
     def _zero3(self) -> Path:  # uninterrupted ZeRO-3 on 2 processes: checkpoints at 2, 4, 6, 8
         return fit_cli(self.tmp, "zero3", **zero(3, **TWO))
 
@@ -240,7 +243,7 @@ def test_recipes_check_says_whether_it_fits(capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["ddp", "zero1", "zero2", "zero3"])
+@pytest.mark.parametrize("name", ["ddp", "zero1", "zero2", "zero3", "zero3_chunked"])
 def test_two_processes_match_one_process(runs, name):
     """Same global batch (2 x micro 4 vs 1 x micro 4 x accum 2): same loss curve within TOL."""
     assert_curves_close(runs.get("single"), runs.get(name), range(1, STEPS + 1))

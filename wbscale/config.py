@@ -115,6 +115,9 @@ class TrainConfig:
     grad_accum: int = 1
     precision: Literal["auto", "32", "bf16-mixed", "16-mixed", "bf16-true"] = "auto"
     compile: bool = False
+    # LM head + cross-entropy this many tokens at a time, never holding the full (tokens x
+    # vocab) fp32 logits (wbscale.models.loss); 0 = the full logits (exact on CPU as before)
+    loss_chunk: int = 0
     seed: int = 1337
     deterministic: bool = True
     log_every: int = 10
@@ -584,6 +587,7 @@ def validate(r: Recipe) -> None:
     _check(t.run_name.strip() != "" and "/" not in t.run_name, f"train.run_name must be a plain name (got {t.run_name!r})")
     for name in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "val_every", "val_batches", "ckpt_every", "keep_last"):
         _check(getattr(t, name) >= 1, f"train.{name} must be >= 1 (got {getattr(t, name)})")
+    _check(t.loss_chunk >= 0, f"train.loss_chunk must be >= 0 (got {t.loss_chunk}); 0 = the full logits")
     _check(t.exit_interval >= 0, f"train.exit_interval must be >= 0 (got {t.exit_interval}); 0 = never")
     _check(t.sample_every >= 0, f"train.sample_every must be >= 0 (got {t.sample_every})")
     _check(t.sample_max_new_tokens >= 0, "train.sample_max_new_tokens must be >= 0")

@@ -483,17 +483,21 @@ def train_bench(
     warmup: int = 3,
     device: str = "cuda",
     save: bool | str = True,
+    loss_chunk: int = 8192,
 ) -> dict[str, Any]:
     """Plain-PyTorch training steps on random tokens: bf16 autocast on CUDA, fp32 weights,
-    fused AdamW; tokens/s, MFU (model FLOPs per token x tokens/s / dense bf16 peak), memory."""
+    AdamW as ``fit`` builds it (fused on CUDA), the LM-head loss ``loss_chunk`` tokens at a
+    time (0: full logits); tokens/s, MFU (model FLOPs per token x tokens/s / dense bf16
+    peak), memory."""
+    from wbscale.train.module import adamw_implementation
+
     dev = torch.device(device)
     torch.manual_seed(0)
     model = _model(arch, kernel, n_layer, n_head, n_embd, block, vocab, save).to(dev)
     model.train()
     opt = torch.optim.AdamW(
-        model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
-        fused=dev.type == "cuda",
-    )  # fmt: skip
+        model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, **adamw_implementation(model)
+    )
     graph_breaks = None
     if compile:
         from torch._dynamo.utils import counters
@@ -508,7 +512,7 @@ def train_bench(
 
     def step() -> torch.Tensor:
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            _, loss = forward(idx, targets)
+            _, loss = forward(idx, targets, loss_chunk=loss_chunk)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -536,6 +540,7 @@ def train_bench(
         "ista_kernel": kernel if arch == "crate" else None,
         "save": save if arch == "crate" else None,
         "compile": compile,
+        "loss_chunk": loss_chunk,
         "batch": batch,
         "block": block,
         "params_m": round(model.num_params() / 1e6, 1),
@@ -563,6 +568,7 @@ def _train_plan(quick: bool) -> list[dict[str, Any]]:
         dict(arch="gpt2", compile=True),
         dict(arch="crate", kernel="triton", compile=False, save="x_u"),
         dict(arch="crate", kernel="eager", compile=True),
+        dict(arch="gpt2", compile=False, loss_chunk=0),  # what the full fp32 logits cost
     ]
     sizes = dict(batch=4, steps=3, warmup=2) if quick else {}
     return [{**r, **sizes} for r in runs]

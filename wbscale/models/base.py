@@ -32,6 +32,7 @@ from torch import Tensor
 
 from wbscale.config import ModelConfig
 from wbscale.errors import UserError
+from wbscale.models.loss import LMHead
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,7 @@ class LanguageModel(nn.Module):
                 ln_f=nn.LayerNorm(d),
             )
         )
-        self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
+        self.lm_head = LMHead(d, config.vocab_size, bias=False)
         # Weight tying (Press & Wolf 2017), as GPT-2 / nanoGPT / the CRATE LM code do.
         self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
@@ -252,9 +253,18 @@ class LanguageModel(nn.Module):
         """An empty decoding cache, one :class:`LayerCache` per block (see ``hidden_states``)."""
         return [LayerCache() for _ in self.transformer.h]
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """Logits (B, T, vocab) for every position, and the mean loss when ``targets`` is given."""
-        logits = self.lm_head(self.hidden_states(idx))
+    def forward(
+        self, idx: Tensor, targets: Tensor | None = None, loss_chunk: int = 0
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Logits (B, T, vocab) for every position, and the mean loss when ``targets`` is given.
+
+        ``loss_chunk`` > 0 (with ``targets``): the loss is computed that many tokens at a time
+        without ever holding the full logits (:func:`wbscale.models.loss.linear_cross_entropy`),
+        and the logits returned are ``None``."""
+        hidden = self.hidden_states(idx)
+        if targets is not None and loss_chunk > 0:
+            return None, self.lm_head(hidden, targets, chunk_tokens=loss_chunk)
+        logits = self.lm_head(hidden)
         loss = None if targets is None else self.loss_fn(logits, targets)
         return logits, loss
 

@@ -121,7 +121,9 @@ class _FlashSDPA(torch.autograd.Function):
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
 
 
-def _saved_bytes(model: torch.nn.Module, batch: int, seq: int, vocab: int, dtype: torch.dtype) -> float:
+def _saved_bytes(
+    model: torch.nn.Module, batch: int, seq: int, vocab: int, dtype: torch.dtype, loss_chunk: int = 0
+) -> float:
     """Bytes autograd saves for backward in one forward of ``batch x seq`` tokens (meta)."""
     import torch.nn.functional as F
 
@@ -143,7 +145,7 @@ def _saved_bytes(model: torch.nn.Module, batch: int, seq: int, vocab: int, dtype
         idx = torch.zeros(batch, seq, dtype=torch.long, device="meta")
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             model.to(dtype)
-            model(idx, idx)
+            model(idx, idx, loss_chunk=loss_chunk)
     finally:
         F.scaled_dot_product_attention = original
     return float(sum(saved.values()))
@@ -171,8 +173,9 @@ def model_facts(recipe: Recipe, dtype: torch.dtype = torch.bfloat16) -> tuple[Mo
     flops = int(model.flops_per_token(cfg.block_size))
     # One and two layers: the difference is one block, the rest is embeddings + head + loss.
     seq = cfg.block_size
-    one = _saved_bytes(build(1), 1, seq, vocab, dtype)
-    two = _saved_bytes(build(2), 1, seq, vocab, dtype)
+    chunk = recipe.train.loss_chunk
+    one = _saved_bytes(build(1), 1, seq, vocab, dtype, chunk)
+    two = _saved_bytes(build(2), 1, seq, vocab, dtype, chunk)
     per_block = two - one
     outside = one - per_block
     block_input = seq * cfg.n_embd * torch.finfo(dtype).bits / 8

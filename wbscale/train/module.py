@@ -28,6 +28,19 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.max_lr - cfg.min_lr)
 
 
+def adamw_implementation(model: torch.nn.Module) -> dict[str, bool]:
+    """AdamW's implementation flags for where ``model``'s parameters live.
+
+    CUDA: ``fused=True``, one kernel for the whole update of all parameters (the
+    per-parameter loop launches ~12 kernels per tensor). Elsewhere ``foreach=False``: the
+    single-tensor loop, whose results on CPU are the ones every resume test holds runs to.
+    DeepSpeed wraps whichever is built (and swaps in its CPU Adam for offload)."""
+    devices = {p.device.type for p in model.parameters()}
+    if devices == {"cuda"}:
+        return {"fused": True}
+    return {"foreach": False}
+
+
 class LMModule(L.LightningModule):
     """Next-token training of any wbscale language model described by a recipe."""
 
@@ -46,7 +59,7 @@ class LMModule(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        _, loss = self.model(x, y)
+        _, loss = self.model(x, y, loss_chunk=self.recipe.train.loss_chunk)
         self._loss_sum = self._loss_sum + loss.detach()
         self.log("loss", loss.detach(), prog_bar=True, logger=False)
         # Lightning scales by 1/grad_accum itself.
@@ -54,7 +67,7 @@ class LMModule(L.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
-        _, loss = self.model(x, y)
+        _, loss = self.model(x, y, loss_chunk=self.recipe.train.loss_chunk)
         self._val_losses.append(loss.detach())
 
     def on_validation_epoch_start(self) -> None:
@@ -73,7 +86,7 @@ class LMModule(L.LightningModule):
         cfg, max_steps = self.recipe.optim, self.recipe.train.max_steps
         groups = self.model.configure_param_groups(cfg.weight_decay)
         optimizer = torch.optim.AdamW(
-            groups, lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=False
+            groups, lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **adamw_implementation(self.model)
         )
         # LambdaLR multiplies the base lr; the schedule is in absolute terms, so divide.
         schedule = torch.optim.lr_scheduler.LambdaLR(
