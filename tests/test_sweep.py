@@ -201,7 +201,8 @@ def test_slurm_submit_array_without_sbatch_creates_nothing(tmp_path, monkeypatch
 def test_cpu_sweep_of_crate_and_gpt2_produces_report_and_plot(tmp_path, capsys):
     out = tmp_path / "sweep"
     args = ["sweep", "demo", "--arch", "crate,gpt2", "--name", "tiny", "--out", str(out), "--no-progress"]
-    for item in tiny_fixed(tmp_path):
+    fixed = [o for o in tiny_fixed(tmp_path) if not o.startswith("tracking.metrics_every=")]
+    for item in [*fixed, "tracking.metrics_every=2"]:
         args += ["--set", item]
     assert main(args) == 0
     printed = capsys.readouterr().out
@@ -218,6 +219,12 @@ def test_cpu_sweep_of_crate_and_gpt2_produces_report_and_plot(tmp_path, capsys):
         summary = json.loads((out / name / "summary.json").read_text())
         assert row["val_loss"] == summary["val_loss"] and row["status"] == "done"
         assert row["tokens"] == 2 * 2 * 32 and row["compute_flops"] == row["flops_per_token"] * row["tokens"]
+        metrics = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+        speeds = sorted(m["train/tokens_per_second"] for m in metrics if m.get("train/tokens_per_second"))
+        assert row["tokens_per_s"] == (speeds[len(speeds) // 2] if speeds else None)
+        white = [m for m in metrics if any(k.endswith("/sparsity") and "/layer" in k for k in m)]
+        assert white, f"{name}: no white-box rows at metrics_every=2"
+        assert row["sparsity_layers"] == [white[-1][f"whitebox/layer{i}/sparsity"] for i in range(2)]
     assert runs["crate"]["non_embedding_params"] < runs["gpt2"]["non_embedding_params"]
     (pair,) = report["equal_shape"]
     assert pair["delta"] == pytest.approx(runs["crate"]["val_loss"] - runs["gpt2"]["val_loss"])

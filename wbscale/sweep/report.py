@@ -96,6 +96,25 @@ def _identity(recipe_dict: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _run_metrics(run: Path) -> dict[str, Any]:
+    """From a run's ``metrics.jsonl``: median training tokens/s, and the sparsity (fraction
+    of zero codes; GPT-2: of inactive MLP units) of each layer at the last white-box step."""
+    from wbscale.track.jsonl_logger import read_metrics
+
+    if not (run / "metrics.jsonl").is_file():
+        return {"tokens_per_s": None, "sparsity_layers": None}
+    speeds, layers = [], None
+    for row in read_metrics(run):
+        if row.get("train/tokens_per_second"):
+            speeds.append(float(row["train/tokens_per_second"]))
+        found = {int(k.split("/")[1][5:]): float(v) for k, v in row.items()
+                 if k.startswith("whitebox/layer") and k.endswith("/sparsity")}
+        if found:
+            layers = [found[i] for i in sorted(found)]
+    speeds.sort()
+    return {"tokens_per_s": speeds[len(speeds) // 2] if speeds else None, "sparsity_layers": layers}
+
+
 def collect_runs(sweep_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """One row per run folder under ``sweep_dir``, and the sweep's ``sweep.json`` (or {})."""
     sweep_dir = Path(sweep_dir)
@@ -134,6 +153,7 @@ def collect_runs(sweep_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]
             "val_loss": summary.get("val_loss"),
             "unigram_entropy": summary.get("unigram_entropy"),
             "seconds": record.get("seconds"),
+            **_run_metrics(run),
             "status": "done" if summary.get("val_loss") is not None and step >= recipe.train.max_steps
             else ("failed" if record.get("status") == "failed" else "incomplete"),
             "data": recipe.data.source,
@@ -201,6 +221,8 @@ def configurations(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         losses = [float(r["val_loss"]) for r in done]
         mean, std = _mean_std(losses)
         seconds = [r["seconds"] for r in done if r["seconds"]]
+        speeds = [r["tokens_per_s"] for r in done if r["tokens_per_s"]]
+        sparse = [min(r["sparsity_layers"]) for r in done if r["sparsity_layers"]]
         configs.append({
             "variant": first["variant"],
             "arch": first["arch"],
@@ -216,6 +238,9 @@ def configurations(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "val_loss_mean": mean,
             "val_loss_std": std,
             "seconds_mean": sum(seconds) / len(seconds) if seconds else None,
+            "tokens_per_s_mean": sum(speeds) / len(speeds) if speeds else None,
+            # the sparsest-layer target reads off the least sparse layer
+            "min_layer_sparsity_mean": sum(sparse) / len(sparse) if sparse else None,
             "needs_seeds": len(done) < MIN_SEEDS,
             "best_lr": False,
             "lr_at_edge": False,
@@ -520,8 +545,8 @@ def markdown(rows: list[dict[str, Any]], pairs: list[dict[str, Any]], sweep: dic
         lines.append(f"Unigram entropy of the training tokens (the loss of a model that ignores context): "
                      f"{', '.join(f'{e:.3f}' for e in entropies)} nats/token.")
     lines += ["", "## Configurations (mean ± std over seeds)", ""]
-    lines.append("| variant | shape | steps | LR | seeds | val loss | non-emb. params | compute | |")
-    lines.append("|---|---|--:|--:|--:|--:|--:|--:|---|")
+    lines.append("| variant | shape | steps | LR | seeds | val loss | non-emb. params | compute | least sparse layer | tokens/s | |")
+    lines.append("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|")
     for c in configs:
         note = []
         if c["best_lr"]:
@@ -531,7 +556,8 @@ def markdown(rows: list[dict[str, Any]], pairs: list[dict[str, Any]], sweep: dic
         lines.append(
             f"| {c['variant']} | {c['shape']} | {c['max_steps']} | {_lr_text(c['lr'])} | {c['n']} | "
             f"{_mean_text(c['val_loss_mean'], c['val_loss_std'], c['n'])} | {human_count(c['non_embedding_params'])} | "
-            f"{human_flops(c['compute_flops'])} | {'; '.join(note)} |"
+            f"{human_flops(c['compute_flops'])} | {_fmt(c['min_layer_sparsity_mean'], '.0%')} | "
+            f"{_fmt(c['tokens_per_s_mean'], ',.0f')} | {'; '.join(note)} |"
         )
     if pairs:
         lines += ["", "## CRATE vs GPT-2 at equal shape", ""]
@@ -575,6 +601,9 @@ def markdown(rows: list[dict[str, Any]], pairs: list[dict[str, Any]], sweep: dic
         f"- val loss: mean ± sample std over the finished seeds (n); * marks fewer than {MIN_SEEDS} seeds. "
         "s.e. of a difference = sqrt(s1²/n1 + s2²/n2); the verdict names the lower one only when the difference "
         f"is beyond 2 s.e. and both sides have {MIN_SEEDS}+ seeds (else `needs {MIN_SEEDS} seeds` / `within 2 s.e.`).",
+        "- *least sparse layer*: the fraction of exact zeros in the sparse codes (GPT-2: of MLP units <= 0) "
+        "of the layer with the fewest, at the last white-box measurement, mean over seeds; *tokens/s*: the "
+        "median training throughput of a run, mean over seeds (on a shared machine, see wall time below).",
         "- Best LR: per variant, shape and budget, the learning rate with the lowest mean val loss; one at the "
         "edge of the grid may not be the best there is.",
     ]
