@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from torch import Tensor
 
-from .modes import SAVE_MODES, normalize_save
+from .modes import KERNELS, SAVE_MODES, normalize_save, resolve_kernel
 from .reference import (
     ista_overcomplete_published,
     ista_overcomplete_reference,
@@ -39,7 +39,6 @@ __all__ = [
 ]
 
 VARIANTS = ("overcomplete", "square")
-KERNELS = ("auto", "triton", "eager", "compile")
 
 _REFERENCES: dict[str, Callable] = {
     "overcomplete": ista_overcomplete_reference,
@@ -49,15 +48,6 @@ _REFERENCES: dict[str, Callable] = {
 
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def resolve_kernel(kernel: str, device_type: str) -> str:
-    """Map ``auto`` to a concrete kernel for tensors on ``device_type``."""
-    if kernel not in KERNELS:
-        raise ValueError(f"unknown ISTA kernel {kernel!r}; choose one of {KERNELS}")
-    if kernel == "auto":
-        return "triton" if device_type == "cuda" else "eager"
-    return kernel
 
 
 @functools.cache

@@ -18,11 +18,10 @@ from collections.abc import Callable
 
 from torch import Tensor
 
+from .modes import resolve_kernel
 from .reference import ista_general_reference, published_steps
 
 __all__ = ["ista_general", "published_steps"]
-
-_KERNELS = ("auto", "triton", "eager", "compile")
 
 
 @functools.cache
@@ -50,9 +49,7 @@ def ista_general(
     a one-element tensor (> 0); ``lam`` a float, a one-element tensor or an (m,) tensor.
     Gradients reach ``x``, ``weight``, ``decoder`` and tensor ``eta`` / ``lam``.
     """
-    if kernel not in _KERNELS:
-        raise ValueError(f"unknown ISTA kernel {kernel!r}; choose one of {_KERNELS}")
-    impl = ("triton" if x.device.type == "cuda" else "eager") if kernel == "auto" else kernel
+    impl = resolve_kernel(kernel, x.device.type)
     if impl == "triton":
         from . import ista_general as triton_general
 

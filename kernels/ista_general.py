@@ -40,8 +40,6 @@ custom op: ``torch.compile`` of a model that uses the options breaks its graph a
 
 from __future__ import annotations
 
-import contextlib
-import os
 import warnings
 
 import torch
@@ -49,13 +47,23 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .ista_triton import _input_dtype
+from .common import (
+    _INTERPRET,
+    _TRITON_DTYPES,
+    _acc_dtype,
+    _check_device,
+    _check_shapes,
+    _device_guard,
+    _dot,
+    _dot_precision,
+    _grouped_pid,
+    _input_dtype,
+    _store,
+    _uses_triton,
+)
 from .reference import ista_general_reference, published_steps
 
 __all__ = ["forward_codes", "ista_general_triton"]
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
@@ -80,15 +88,7 @@ def _gemm_kernel(
     GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """C = mask(relu(aux + alpha [eta] (A @ B) - eta lam[col])) [+ C]  (every term optional)."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = _grouped_pid(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -103,11 +103,7 @@ def _gemm_kernel(
         k_ok = (k0 + rk) < K
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if UPCAST:
-            # the interpreter multiplies bf16 tiles as their raw bits; fp32 is exact here
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = _dot(acc, a, b, UPCAST, PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
@@ -133,13 +129,7 @@ def _gemm_kernel(
     if ACCUM:
         # an fp32 buffer the launcher zeroed; launches run one after another (no atomics)
         v = tl.load(c_ptrs, mask=c_ok, other=0.0) + v
-    if RNE_BF16:
-        # the interpreter truncates fp32 -> bf16; round to nearest even by hand, as the GPU does
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        tl.store(c_ptrs, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=c_ok)
-    else:
-        tl.store(c_ptrs, v.to(c_ptr.dtype.element_ty), mask=c_ok)
+    _store(c_ptrs, v, c_ok, RNE_BF16)
 
 
 # Tiles: one fixed config (not autotuned). Under the interpreter few, large-ish tiles keep the
@@ -154,17 +144,6 @@ def _tile(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
     if _INTERPRET:
         return _INTERPRET_TILE
     return _GPU_TILE_32 if dtype == torch.float32 else _GPU_TILE_16
-
-
-def _uses_triton(t: Tensor) -> bool:
-    return t.dtype in _TRITON_DTYPES and (t.is_cuda or (_INTERPRET and t.device.type == "cpu"))
-
-
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 follows torch's own matmul setting (tf32 off by default) so both paths agree
-    if not _INTERPRET and dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
 
 
 def _gemm(
@@ -200,7 +179,7 @@ def _gemm(
     eta_t = eta if eta is not None else out
     stride_lam = 0 if lam is None or lam.numel() == 1 else lam.stride(0)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-    with torch.cuda.device(a.device) if a.is_cuda else contextlib.nullcontext():
+    with _device_guard(a):
         _gemm_kernel[grid](
             a, b, out, aux_t, mask_t, lam_t, eta_t,
             M, N, K,
@@ -212,7 +191,7 @@ def _gemm(
             RELU=relu, HAS_MASK=mask is not None, ACCUM=accum,
             UPCAST=_INTERPRET and a.dtype == torch.bfloat16,
             RNE_BF16=_INTERPRET and out.dtype == torch.bfloat16,
-            PRECISION=_precision(a.dtype),
+            PRECISION=_dot_precision(a.dtype),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
             num_warps=warps, num_stages=stages,
         )  # fmt: skip
@@ -224,7 +203,7 @@ def _gemm_torch(
     lam: Tensor | None, relu: bool, mask: Tensor | None, accum: bool,
 ) -> Tensor:  # fmt: skip
     """The kernel's formula in PyTorch: float64, and the reference for the derivation."""
-    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    acc = _acc_dtype(a.dtype)
     v = (a.to(acc) @ b.to(acc)) * alpha
     if eta is not None:
         v = v * eta.to(acc).reshape(())
@@ -299,7 +278,7 @@ class _GeneralISTA(torch.autograd.Function):
         r = w.t() if square else w
         eta32, lam32 = _scalars(eta, lam, dtype)
         z_last = codes[-1]
-        gw = torch.zeros(weight.shape, device=x.device, dtype=_acc(weight)) if need_w else None
+        gw = torch.zeros(weight.shape, device=x.device, dtype=_acc_dtype(weight.dtype)) if need_w else None
         gr = None if gw is None else (gw.t() if square else gw)  # gR lands in gW (square: transposed)
         gdec = None
         if gy is not None:
@@ -317,7 +296,7 @@ class _GeneralISTA(torch.autograd.Function):
                 if decoder is None and gw is not None:
                     _gemm(z_last.t(), gy, out=gw, accum=True)
                 elif decoder is not None and need_dec:
-                    gdec = torch.zeros(decoder.shape, device=x.device, dtype=_acc(decoder))
+                    gdec = torch.zeros(decoder.shape, device=x.device, dtype=_acc_dtype(decoder.dtype))
                     _gemm(z_last.t(), gy, out=gdec, accum=True)
         pdt = eta32.dtype
         geta = torch.zeros((), device=x.device, dtype=pdt) if need_eta else None
@@ -367,13 +346,9 @@ class _GeneralISTA(torch.autograd.Function):
         )
 
 
-def _acc(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def _scalars(eta: Tensor, lam: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """eta (1,) and lam (1,) or (m,), contiguous, in fp32 (fp64 for float64 compute)."""
-    pdt = torch.float64 if dtype == torch.float64 else torch.float32
+    pdt = _acc_dtype(dtype)
     return eta.detach().to(pdt).reshape(1).contiguous(), lam.detach().to(pdt).reshape(-1).contiguous()
 
 
@@ -387,29 +362,13 @@ _warned: set[str] = set()
 def _check(x: Tensor, weight: Tensor, decoder: Tensor | None, variant: str) -> None:
     if variant not in ("overcomplete", "square"):
         raise ValueError(f"unknown ISTA variant {variant!r}; choose overcomplete or square")
-    if weight.dim() != 2 or x.dim() < 1 or weight.shape[1] != x.shape[-1]:
-        raise ValueError(
-            f"ISTA {variant}: x (..., d) and dictionary weight (m, d) disagree: "
-            f"x {tuple(x.shape)}, weight {tuple(weight.shape)}"
-        )
-    if variant == "square" and weight.shape[0] != weight.shape[1]:
-        raise ValueError(f"ISTA square: weight must be (d, d), got {tuple(weight.shape)}")
+    _check_shapes(x, weight, variant)
     if decoder is not None:
         if variant == "square":
             raise ValueError("ISTA square: the output is the code itself, there is no decoder")
         if tuple(decoder.shape) != tuple(weight.shape):
             raise ValueError(f"ISTA: decoder {tuple(decoder.shape)} must match the dictionary {tuple(weight.shape)}")
-    if x.device != weight.device:
-        raise ValueError(f"ISTA {variant}: x is on {x.device}, weight on {weight.device}")
-    if x.device.type == "cpu" and not _INTERPRET:
-        raise RuntimeError(
-            "ISTA kernel 'triton' got CPU tensors but Triton is not interpreting: set "
-            "TRITON_INTERPRET=1 before wbscale.kernels.ista_general is first imported, or use "
-            "model.ista_kernel: eager"
-        )
-
-
-_compute_dtype = _input_dtype  # the same rule as the published block's kernel
+    _check_device(x, weight, variant, "ista_general")
 
 
 def _as_tensor(v: float | Tensor, like: Tensor) -> Tensor:
@@ -443,7 +402,7 @@ def ista_general_triton(
     k_steps = published_steps(variant) if steps is None else int(steps)
     if k_steps < 1:
         raise ValueError(f"ISTA needs at least one step, got steps={steps}")
-    dtype = _compute_dtype(x, weight)
+    dtype = _input_dtype(x, weight)  # the published block's rule
     if dtype not in _TRITON_DTYPES and dtype != torch.float64:
         message = f"ISTA triton kernel does not support {dtype}; using the eager reference"
         if message not in _warned:

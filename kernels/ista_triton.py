@@ -78,6 +78,20 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .common import (
+    _INTERPRET,
+    _TRITON_DTYPES,
+    _acc_dtype,
+    _check_device,
+    _check_shapes,
+    _device_guard,
+    _dot,
+    _dot_precision,
+    _grouped_pid,
+    _input_dtype,
+    _store,
+    _uses_triton,
+)
 from .modes import SAVE_MODES, normalize_save
 from .reference import ista_overcomplete_reference, ista_square_reference
 
@@ -98,10 +112,6 @@ __all__ = [
     "tuned_configs",
 ]
 
-# Read once, like @triton.jit does: kernels decorated without the interpreter cannot run on
-# CPU tensors later, whatever the environment says by then.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _ALIGN = 16  # tl.dot tiles are >= 16 wide; d, m multiples of 16 keep every row 32-byte aligned
 
 
@@ -168,11 +178,7 @@ def _accumulate_segment(
             a = tl.where(gate > 0, a, tl.zeros_like(a))
             am_ptrs += BLOCK_K * stride_ak
         b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if UPCAST:
-            # the interpreter multiplies bf16 tiles as their raw uint16 bits; fp32 is exact here
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = _dot(acc, a, b, UPCAST, PRECISION)
         # pointer tiles are 64-bit: stepping them never overflows, unlike an offset tile
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
@@ -242,13 +248,8 @@ def _epilogue(
             tl.atomic_add(c_ptrs, v, mask=c_ok, sem="relaxed")
         else:
             tl.atomic_add(c_ptrs, v, mask=c_ok)
-    elif RNE_BF16:
-        # the interpreter truncates fp32 -> bf16; round to nearest even by hand, as the GPU does
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        tl.store(c_ptrs, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=c_ok)
     else:
-        tl.store(c_ptrs, v.to(c_ptr.dtype.element_ty), mask=c_ok)
+        _store(c_ptrs, v, c_ok, RNE_BF16)
 
 
 @triton.jit(do_not_specialize=["SPLIT_K", "M_BUCKET", "K_BUCKET"])
@@ -283,15 +284,7 @@ def _gemm_kernel(
 ):  # fmt: skip
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    # grouped ordering: GROUP_M row-blocks share their B column-blocks while they sit in L2
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = _grouped_pid(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     row0 = pid_m * BLOCK_M
     col0 = pid_n * BLOCK_N
     k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
@@ -306,23 +299,13 @@ def _gemm_kernel(
                               stride_am, stride_ak, stride_bk, stride_bn,
                               HAS_AMASK, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
     scale = scale0
-    # segments after the first never carry an A mask (only the square backward needs one)
-    if NUM_SEG > 1:
-        acc = acc * (scale / scale1)
-        scale = scale1
-        acc = _accumulate_segment(acc, a1_ptr, b1_ptr, amask_ptr, row0, col0, M, N, k_start, k_end,
-                                  stride_am, stride_ak, stride_bk, stride_bn,
-                                  False, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
-    if NUM_SEG > 2:
-        acc = acc * (scale / scale2)
-        scale = scale2
-        acc = _accumulate_segment(acc, a2_ptr, b2_ptr, amask_ptr, row0, col0, M, N, k_start, k_end,
-                                  stride_am, stride_ak, stride_bk, stride_bn,
-                                  False, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
-    if NUM_SEG > 3:
-        acc = acc * (scale / scale3)
-        scale = scale3
-        acc = _accumulate_segment(acc, a3_ptr, b3_ptr, amask_ptr, row0, col0, M, N, k_start, k_end,
+    a_ptrs, b_ptrs = (a0_ptr, a1_ptr, a2_ptr, a3_ptr), (b0_ptr, b1_ptr, b2_ptr, b3_ptr)
+    scales = (scale0, scale1, scale2, scale3)
+    # unrolled; segments after the first never carry an A mask (only the square backward has one)
+    for s in tl.static_range(1, NUM_SEG):
+        acc = acc * (scale / scales[s])
+        scale = scales[s]
+        acc = _accumulate_segment(acc, a_ptrs[s], b_ptrs[s], amask_ptr, row0, col0, M, N, k_start, k_end,
                                   stride_am, stride_ak, stride_bk, stride_bn,
                                   False, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
     v = acc * scale
@@ -332,24 +315,15 @@ def _gemm_kernel(
     # into two 128 x 128 column halves, each loads half the epilogue operands at a time
     # (the autotuner offers it only to launches whose epilogue reads tensors).
     if EPI_SUBTILE == 2:
-        halves = tl.permute(tl.reshape(v, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
-        v_left, v_right = tl.split(halves)
-        _epilogue(v_left, row0, col0, M, N,
-                  c_ptr, aux_ptr, gated_ptr, gate_ptr, mask_ptr,
-                  stride_cm, stride_cn, stride_xm, stride_xn, stride_gm, stride_gn, stride_mm, stride_mn,
-                  beta, HAS_AUX, HAS_GATED, RELU, HAS_MASK, RNE_BF16, ATOMIC, RELAXED,
-                  BLOCK_M, BLOCK_N // 2)  # fmt: skip
-        _epilogue(v_right, row0, col0 + BLOCK_N // 2, M, N,
-                  c_ptr, aux_ptr, gated_ptr, gate_ptr, mask_ptr,
-                  stride_cm, stride_cn, stride_xm, stride_xn, stride_gm, stride_gn, stride_mm, stride_mn,
-                  beta, HAS_AUX, HAS_GATED, RELU, HAS_MASK, RNE_BF16, ATOMIC, RELAXED,
-                  BLOCK_M, BLOCK_N // 2)  # fmt: skip
+        parts = tl.split(tl.permute(tl.reshape(v, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
     else:
-        _epilogue(v, row0, col0, M, N,
+        parts = (v,)
+    for h in tl.static_range(len(parts)):  # unrolled: one epilogue per column part
+        _epilogue(parts[h], row0, col0 + h * (BLOCK_N // len(parts)), M, N,
                   c_ptr, aux_ptr, gated_ptr, gate_ptr, mask_ptr,
                   stride_cm, stride_cn, stride_xm, stride_xn, stride_gm, stride_gn, stride_mm, stride_mn,
                   beta, HAS_AUX, HAS_GATED, RELU, HAS_MASK, RNE_BF16, ATOMIC, RELAXED,
-                  BLOCK_M, BLOCK_N)  # fmt: skip
+                  BLOCK_M, BLOCK_N // len(parts))  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------
@@ -624,17 +598,6 @@ def _record_jobs(args: tuple, flags: dict[str, Any], configs: list[triton.Config
         _collect.append({"args": spec, "kwargs": kwargs})
 
 
-def _uses_triton(t: Tensor) -> bool:
-    return t.dtype in _TRITON_DTYPES and (t.is_cuda or (_INTERPRET and t.device.type == "cpu"))
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 follows torch's own matmul setting (tf32 off by default) so both paths agree
-    if not _INTERPRET and dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
-
-
 def _gemm(
     segments: Sequence[Segment],
     *,
@@ -713,10 +676,7 @@ def _gemm(
 
     if _collect is not None:
         if _forced_config is not None or not tuned:
-            meta = dict(_forced_config if _forced_config is not None else FIXED_CONFIG)
-            if not weight_grad:
-                meta["SPLIT_K"] = 1
-            meta["ATOMIC"] = meta["SPLIT_K"] > 1
+            meta = _fixed_meta(weight_grad)
             configs = [triton.Config(meta, **_FIXED_LAUNCH)]
         else:
             tuner = _wgrad_tuned if weight_grad else _gemm_tuned
@@ -728,10 +688,7 @@ def _gemm(
         return out
     with _device_guard(a0):
         if _forced_config is not None or not tuned:
-            meta = dict(_forced_config if _forced_config is not None else FIXED_CONFIG)
-            if not weight_grad:
-                meta["SPLIT_K"] = 1
-            meta["ATOMIC"] = meta["SPLIT_K"] > 1
+            meta = _fixed_meta(weight_grad)
             _gemm_kernel[grid](*args, **flags, **meta, **_FIXED_LAUNCH)
             config: dict[str, Any] = {**meta, **_FIXED_LAUNCH}
         else:
@@ -742,6 +699,15 @@ def _gemm(
     _record_trace(name, segments, out, beta, aux, gated, gate, relu, mask, a_mask,
                   weight_grad, tuned, config, (M, N, K * len(segments)))  # fmt: skip
     return out
+
+
+def _fixed_meta(weight_grad: bool) -> dict[str, Any]:
+    """The forced config or FIXED_CONFIG, as launch meta; split-K only for a weight gradient."""
+    meta = dict(_forced_config if _forced_config is not None else FIXED_CONFIG)
+    if not weight_grad:
+        meta["SPLIT_K"] = 1
+    meta["ATOMIC"] = meta["SPLIT_K"] > 1
+    return meta
 
 
 def _record_trace(
@@ -760,10 +726,6 @@ def _record_trace(
                 "mnk": mnk,
             }
         )  # fmt: skip
-
-
-def _device_guard(t: Tensor) -> contextlib.AbstractContextManager:
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def replay(launch: dict[str, Any], epilogue: bool = True) -> Tensor:
@@ -801,7 +763,7 @@ def _gemm_torch(
     a_mask: Tensor | None,
 ) -> Tensor:
     """The kernel's formula in PyTorch: float64, and the reference for the derivation."""
-    acc_dtype = torch.float64 if segments[0][0].dtype == torch.float64 else torch.float32
+    acc_dtype = _acc_dtype(segments[0][0].dtype)
     v = None
     for i, (a, b, scale) in enumerate(segments):
         if i == 0 and a_mask is not None:
@@ -834,7 +796,7 @@ def _weight_grad(
     dtype). ``transposed``: the segments compute gW^T, stored through a transposed view of gW.
     """
     a0 = segments[0][0]
-    acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    acc_dtype = _acc_dtype(weight.dtype)
     buf = torch.zeros(tuple(weight.shape), device=a0.device, dtype=acc_dtype)
     _gemm(
         segments, out=buf.t() if transposed else buf, a_mask=a_mask, weight_grad=True,
@@ -1116,36 +1078,6 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
-def _check(x: Tensor, weight: Tensor, variant: str) -> None:
-    if weight.dim() != 2 or x.dim() < 1 or weight.shape[1] != x.shape[-1]:
-        raise ValueError(
-            f"ISTA {variant}: x (..., d) and dictionary weight (m, d) disagree: "
-            f"x {tuple(x.shape)}, weight {tuple(weight.shape)}"
-        )
-    if variant == "square" and weight.shape[0] != weight.shape[1]:
-        raise ValueError(f"ISTA square: weight must be (d, d), got {tuple(weight.shape)}")
-    if x.device != weight.device:
-        raise ValueError(f"ISTA {variant}: x is on {x.device}, weight on {weight.device}")
-    if x.device.type == "cpu" and not _INTERPRET:
-        raise RuntimeError(
-            "ISTA kernel 'triton' got CPU tensors but Triton is not interpreting: set "
-            "TRITON_INTERPRET=1 before wbscale.kernels.ista_triton is first imported, or use "
-            "model.ista_kernel: eager"
-        )
-
-
-def _input_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    if x.dtype != weight.dtype:
-        raise TypeError(
-            f"ISTA: x is {x.dtype} but the dictionary weight is {weight.dtype}; cast one, or "
-            "run under torch.autocast"
-        )
-    return x.dtype
-
-
 def forward_codes(
     x: Tensor, weight: Tensor, *, variant: str, eta: float, lam: float
 ) -> tuple[Tensor, ...]:
@@ -1181,7 +1113,8 @@ def ista_triton(
     if variant not in ("overcomplete", "square"):
         raise ValueError(f"unknown ISTA variant {variant!r}; choose overcomplete or square")
     save = normalize_save(save_activations)
-    _check(x, weight, variant)
+    _check_shapes(x, weight, variant)
+    _check_device(x, weight, variant, "ista_triton")
     d, m = x.shape[-1], weight.shape[0]
     reference = ista_overcomplete_reference if variant == "overcomplete" else ista_square_reference
     if d % _ALIGN or m % _ALIGN:

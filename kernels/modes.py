@@ -1,4 +1,7 @@
-"""What the ISTA kernels keep for backward (no Triton import: the dispatch validates with it).
+"""The dispatch's choices (no Triton import): which kernel runs, what it keeps for backward.
+
+Kernels: ``auto`` (triton on CUDA tensors, eager elsewhere), ``triton``, ``eager``, ``compile``.
+Save modes:
 
     "all"  x and every code (1.0x eager's activations; the fastest backward)
     "x_u"  x and u (square: x and r); the backward recomputes the codes (+2 GEMMs, square +1)
@@ -9,7 +12,17 @@
 
 from __future__ import annotations
 
+KERNELS = ("auto", "triton", "eager", "compile")
 SAVE_MODES = ("all", "x_u", "x")
+
+
+def resolve_kernel(kernel: str, device_type: str) -> str:
+    """Map ``auto`` to a concrete kernel for tensors on ``device_type``."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown ISTA kernel {kernel!r}; choose one of {KERNELS}")
+    if kernel == "auto":
+        return "triton" if device_type == "cuda" else "eager"
+    return kernel
 
 
 def normalize_save(save: bool | str) -> str:
