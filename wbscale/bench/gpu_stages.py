@@ -826,11 +826,14 @@ def _summary_breakdown(d: dict[str, Any]) -> list[str]:
 
 def _summary_train(d: dict[str, Any]) -> list[str]:
     lines = [
-        "| model | ISTA | save | compile | tokens/s | ms/step | MFU | peak GiB | graph breaks | warmup s |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| model | ISTA | save | compile | loss chunk | tokens/s | ms/step | MFU | peak GiB | graph breaks | warmup s |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in d.get("rows", []):
-        head = f"| {r['arch']} | {r.get('ista_kernel') or r.get('kernel') or ''} | {r.get('save') or ''} | {r.get('compile')} |"
+        head = (
+            f"| {r['arch']} | {r.get('ista_kernel') or r.get('kernel') or ''} | {r.get('save') or ''} | "
+            f"{r.get('compile')} | {r.get('loss_chunk', 8192) or 'full logits'} |"
+        )
         if "error" in r:
             lines.append(f"{head} {r['error']} ||||||")
             continue
