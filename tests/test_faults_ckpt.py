@@ -2,8 +2,10 @@
 flipped bytes in every kind of checkpoint file, broken metadata, SIGTERM / SIGINT, two
 writers on one run, and metrics that hold every step exactly once afterwards.
 
-Training runs happen in forked children of the test process (``fork`` after the imports,
-so each run costs its training time, not a fresh interpreter's imports): a child runs
+Training runs happen in children forked from a clean fork server that has imported torch
+and wbscale (so each run costs its training time, not a fresh interpreter's imports, and
+inherits nothing of what earlier tests did in the test process: a forked pytest process
+that had trained in-process hung in DeepSpeed's init in CI): a child runs
 ``wbscale.cli.main(["fit", …])`` exactly as the command line does and dies of a real
 SIGKILL where ``WBSCALE_FAULT`` says (:mod:`wbscale.ckpt.writer`). Every run uses the same
 recipe (dropout on, gradient accumulation 2, validation every 4 steps), so each resumed
@@ -88,8 +90,12 @@ def _child(argv: list[str], env: dict[str, str], log: str) -> None:
     os._exit(code)
 
 
+_CONTEXT = multiprocessing.get_context("forkserver")
+_CONTEXT.set_forkserver_preload(["torch", "wbscale.cli"])
+
+
 class Child:
-    """``wbscale fit`` in a forked child; ``code`` is its exit status (-9: SIGKILL)."""
+    """``wbscale fit`` in a child of the fork server; ``code`` is its exit status (-9: SIGKILL)."""
 
     def __init__(self, tmp: Path, run: str, env: dict[str, str] | None = None, resume: str = "auto", **extra: object):
         self.run_dir = tmp / "runs" / run
@@ -97,7 +103,7 @@ class Child:
         argv = ["fit", "demo", "--no-progress", "--resume", resume]
         for item in overrides(tmp, run, **extra):
             argv += ["--set", item]
-        self.proc = multiprocessing.get_context("fork").Process(target=_child, args=(argv, env or {}, str(self.log)))
+        self.proc = _CONTEXT.Process(target=_child, args=(argv, env or {}, str(self.log)))
         self.proc.start()
 
     @property
