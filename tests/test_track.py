@@ -383,6 +383,8 @@ def test_a_killed_child_does_not_leave_its_run_id_busy_in_the_parents_service(wa
     from wbscale.track.wandb_run import wandb_run_id
 
     # as after any earlier in-process run: the run is finished, this process's service lives on
+    # (a fresh one, so that its token is in os.environ whatever earlier tests did)
+    wandb.teardown()
     wandb.init(mode="offline", dir=str(wandb_env), settings=wandb.Settings(silent=True)).finish()
     assert os.environ.get("WANDB_SERVICE"), "wandb no longer exports its service: revisit the fix"
     run_dir = str(wandb_env / "runs" / "child")
