@@ -32,7 +32,7 @@ from torch import Tensor
 
 from wbscale.config import ModelConfig
 from wbscale.errors import UserError
-from wbscale.models.loss import LMHead
+from wbscale.models.loss import LMHead, cross_entropy
 
 
 @dataclass(frozen=True)
@@ -271,10 +271,7 @@ class LanguageModel(nn.Module):
     @staticmethod
     def loss_fn(logits: Tensor, targets: Tensor, ignore_index: int = -1) -> Tensor:
         """Mean next-token cross-entropy; targets equal to ``ignore_index`` are skipped."""
-        # Upcast: a bf16 log-softmax over a 50k vocabulary loses ~3 digits of the loss.
-        return F.cross_entropy(
-            logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=ignore_index
-        )
+        return cross_entropy(logits, targets, ignore_index)
 
     @torch.no_grad()
     def white_box_forward(self, idx: Tensor) -> dict[str, list[Tensor]]:

@@ -19,19 +19,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -1) -> Tensor:
+    """Mean next-token cross-entropy of (..., vocab) logits; ``ignore_index`` targets skipped.
+    Upcast: a bf16 log-softmax over a 50K vocabulary loses ~3 digits of the loss."""
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=ignore_index)
+
+
 def linear_cross_entropy_reference(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -1) -> Tensor:
-    """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, with the full logits
-    upcast to fp32 (a bf16 log-softmax over a 50K vocabulary loses ~3 digits of the loss)."""
-    logits = F.linear(hidden.reshape(-1, hidden.size(-1)), weight)
-    return F.cross_entropy(logits.float(), targets.reshape(-1), ignore_index=ignore_index)
-
-
-def _compute_dtype(t: Tensor) -> torch.dtype:
-    """The matmul dtype autocast would pick for ``t`` (its own dtype outside autocast)."""
-    kind = t.device.type
-    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
-        return torch.get_autocast_dtype(kind)
-    return t.dtype
+    """:func:`cross_entropy` of the full logits ``hidden @ weight.T``."""
+    return cross_entropy(F.linear(hidden, weight), targets, ignore_index)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -39,10 +35,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int, ignore_index: int) -> Tensor:
-        compute = _compute_dtype(hidden)
+        # matmuls in the dtype autocast would pick (the input's own outside autocast), by hand
         kind = hidden.device.type
-        no_autocast = torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else contextlib.nullcontext()
-        with no_autocast:
+        has_autocast = torch.amp.is_autocast_available(kind)  # not on meta
+        compute = torch.get_autocast_dtype(kind) if has_autocast and torch.is_autocast_enabled(kind) else hidden.dtype
+        with torch.autocast(kind, enabled=False) if has_autocast else contextlib.nullcontext():
             h = hidden.to(compute)
             w = weight.to(compute)
             valid = targets != ignore_index
