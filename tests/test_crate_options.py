@@ -40,6 +40,7 @@ OPTIONS = {
     "steps1": dict(ista_steps=1),
     "steps3": dict(ista_steps=3),
     "init_scale": dict(ista_init_scale=0.02),
+    "rope": dict(mssa_rope=True),
     "all": ALL_ON,
     "square_all": dict(ista_variant="square", ista_residual=True, ista_learn_lambda=True,
                        ista_learn_eta=True, ista_steps=2, ista_init_scale=0.05),
@@ -257,6 +258,39 @@ def test_learned_lambda_and_eta_are_not_weight_decayed_the_decoder_is():
     assert len(decayed) + len(kept) == len(list(model.parameters()))
 
 
+# ---------------------------------------------------------------------------- MSSA rope
+
+
+def test_rotary_scores_depend_on_relative_position_only():
+    from wbscale.models.base import rotary
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 8, generator=g), torch.randn(1, 1, 1, 8, generator=g)
+    scores = [float((rotary(q, i) * rotary(k, j)).sum()) for i, j in ((3, 1), (9, 7), (40, 38))]
+    assert scores == pytest.approx([scores[0]] * 3, abs=1e-5)
+    assert float((rotary(q, 0) * rotary(k, 0)).sum()) == pytest.approx(float((q * k).sum()), abs=1e-6)
+    torch.testing.assert_close(rotary(q, 5).norm(), q.norm())  # a rotation: norms kept
+
+
+def test_mssa_rope_rotates_query_and_key_copies_and_keeps_the_value():
+    from wbscale.models.base import rotary
+
+    rope = perturbed(make(mssa_rope=True))
+    published = make(mssa_rope=False)
+    published.load_state_dict(rope.state_dict())  # same weights: rope adds no parameter
+    attn = rope.transformer.h[0].attn
+    x = torch.randn(2, 10, 16, generator=torch.Generator().manual_seed(4))
+    out, w = attn(x)
+    q = k = rotary(w)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(w.size(-1))
+    scores = scores.masked_fill(torch.ones(10, 10, dtype=torch.bool).triu(1), float("-inf"))
+    y = (scores.softmax(-1) @ w).transpose(1, 2).reshape(2, 10, 16)  # the value is W_k itself
+    torch.testing.assert_close(out, attn.c_proj(y), atol=1e-5, rtol=1e-5)
+    published_out, published_w = published.transformer.h[0].attn(x)
+    assert torch.equal(w, published_w)  # the recorded head projections are unrotated
+    assert not torch.allclose(out, published_out)
+
+
 # ---------------------------------------------------------------------------- checkpoints
 
 
@@ -387,6 +421,14 @@ def test_recipe_keys_parse_and_validate():
         recipe_from_dict({}, ["model.ista_decoder=separate", "model.ista_variant=square"])
 
 
+def test_mssa_rope_recipe_key_validates():
+    assert recipe_from_dict({}, ["model.mssa_rope=true"]).model.mssa_rope
+    with pytest.raises(UserError, match="mssa_rope is a CRATE option"):
+        recipe_from_dict({}, ["model.mssa_rope=true", "model.arch=gpt2"])
+    with pytest.raises(UserError, match="must be even"):
+        recipe_from_dict({}, ["model.mssa_rope=true", "model.n_embd=12", "model.n_head=4"])
+
+
 def test_model_build_refuses_what_the_block_cannot_do():
     with pytest.raises(UserError, match="no decoder"):
         CRATE(cfg(ista_variant="square", ista_decoder="separate"))
@@ -397,6 +439,7 @@ def test_model_build_refuses_what_the_block_cannot_do():
 def test_nondefault_options_lists_what_is_on():
     assert nondefault_options(cfg(**ALL_ON)) == [
         "ista_residual", "ista_decoder", "ista_learn_lambda", "ista_learn_eta", "ista_steps", "ista_init_scale"]
+    assert nondefault_options(cfg(mssa_rope=True)) == ["mssa_rope"]
     assert nondefault_options(cfg(ista_steps=2)) == []  # the published count, spelled out
 
 
@@ -423,7 +466,7 @@ def test_tiny_fit_with_every_option_on(tmp_path):
     assert model.transformer.h[0].ista.log_eta.exp().item() != 0.1  # it learned
 
 
-@pytest.mark.parametrize("name", ["all", "square_all"])
+@pytest.mark.parametrize("name", ["all", "square_all", "rope"])
 def test_options_model_is_causal_and_decodes_the_same_with_and_without_cache(name):
     model = perturbed(make(**OPTIONS[name]))
     idx = tokens(t=12)
@@ -439,3 +482,11 @@ def test_options_model_is_causal_and_decodes_the_same_with_and_without_cache(nam
 def test_save_mode_other_than_all_warns_with_the_options_on():
     with pytest.warns(UserWarning, match="applies to the published ISTA block only"):
         make(ista_steps=3, ista_save_activations=False)
+
+
+@pytest.mark.parametrize("option", [dict(mssa_rope=True), dict(ista_residual=True)])
+def test_hf_export_refuses_options_it_does_not_implement(option):
+    from wbscale.ckpt.export_hf import hf_config
+
+    with pytest.raises(UserError, match=f"model.{next(iter(option))}.*published CRATE block only"):
+        hf_config(make(**option), None, torch.float32)

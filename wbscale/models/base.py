@@ -99,6 +99,18 @@ class LayerCache:
         return new
 
 
+def rotary(x: Tensor, start: int = 0, base: float = 10000.0) -> Tensor:
+    """Rotary position embedding of heads ``x`` (B, H, T, p), p even, at positions
+    ``start .. start + T - 1``: pair (x_c, x_{c + p/2}) turns by angle pos * base^(-2c/p), so
+    ``rotary(q, i) . rotary(k, j)`` depends on the positions only through i - j."""
+    t, p = x.size(-2), x.size(-1)
+    freq = base ** (-torch.arange(0, p, 2, device=x.device, dtype=torch.float32) / p)
+    angle = torch.arange(start, start + t, device=x.device, dtype=torch.float32)[:, None] * freq
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    a, b = x[..., : p // 2], x[..., p // 2 :]
+    return torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1)
+
+
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor:
     """softmax(q k^T / sqrt(p) + causal mask) v per head; the t queries are the LAST t of the
     s positions of k and v (with a cache, the first s - t are earlier tokens)."""

@@ -12,8 +12,8 @@ CUDA, picked by ``model.ista_kernel`` (docs/architecture.md, Kernels). Published
 read by ``wbscale.models.published``.
 
 The CRATE block options (``model.ista_residual``, ``ista_decoder``, ``ista_learn_lambda``,
-``ista_learn_eta``, ``ista_steps``, ``ista_init_scale``; docs/architecture.md, "CRATE block
-options") are all off by default. The ones that change the block's function (a separate
+``ista_learn_eta``, ``ista_steps``, ``ista_init_scale``, and MSSA's ``mssa_rope``;
+docs/architecture.md, "CRATE block options") are all off by default. The ones that change the block's function (a separate
 decoder, a learned lambda or eta, a step count other than the published one) run the
 general block ``wbscale.kernels.general.ista_general`` (same kernel choice, same fused Triton
 path); the residual and the init scale keep the published kernel.
@@ -32,16 +32,23 @@ from wbscale.config import ModelConfig
 from wbscale.errors import UserError
 from wbscale.kernels import ista
 from wbscale.kernels.general import ista_general, published_steps
-from wbscale.models.base import LanguageModel, LayerCache, LayerRoles, LinearMap, causal_attention
+from wbscale.models.base import LanguageModel, LayerCache, LayerRoles, LinearMap, causal_attention, rotary
 
 
 class MSSA(nn.Module):
-    """Multi-head subspace self-attention: q = k = v = W_k = X U_k per head."""
+    """Multi-head subspace self-attention: q = k = v = W_k = X U_k per head.
+
+    ``model.mssa_rope``: the query and key copies of W_k are rotated by their positions
+    (``rotary``), the value is W_k itself. The published scores <U x_i, U x_j> form a Gram
+    matrix, so no token can score another above itself by more than the norms allow; rotated,
+    a head can prefer the token k places back (a previous-token head) at no parameter cost.
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_head = config.n_head
         self.dropout = config.dropout
+        self.rope = config.mssa_rope
         self.c_attn = nn.Linear(config.n_embd, config.n_embd, bias=False)  # U = [U_1 .. U_K]
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -58,7 +65,8 @@ class MSSA(nn.Module):
         (w_all,) = (w,) if cache is None else cache.extend(w)  # W_k of every token so far
         # softmax_causal(W_k W_k^T / sqrt(p)) W_k: the gradient step on the coding rate of
         # the tokens in subspace k (Yu et al. 2023, eq. 9), with the key as query and value.
-        y = causal_attention(w, w_all, w_all, dropout_p=self.dropout if self.training else 0.0)
+        q, k = (rotary(w, w_all.size(2) - t), rotary(w_all)) if self.rope else (w, w_all)
+        y = causal_attention(q, k, w_all, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(b, t, d)
         return self.resid_dropout(self.c_proj(y)), w
 
@@ -94,6 +102,7 @@ def nondefault_options(config: ModelConfig) -> list[str]:
         ("ista_learn_eta", config.ista_learn_eta),
         ("ista_steps", ista_steps(config) != published_steps(config.ista_variant)),
         ("ista_init_scale", config.ista_init_scale is not None),
+        ("mssa_rope", config.mssa_rope),
     ]
     return [name for name, is_on in on if is_on]
 

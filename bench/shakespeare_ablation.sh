@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The CRATE-vs-GPT-2 ablation on Tiny Shakespeare (docs/ablation/shakespeare-char/).
+#
+# Every configuration at each of its learning rates, SEEDS seeds each, then one
+# `wbscale sweep report` over all of them (mean +- std over seeds, each configuration at
+# its best LR, compared at equal shape, equal non-embedding parameters and equal FLOPs).
+# Run it from the repository root, next to shared/ (the recipes read
+# ../shared/data/tinyshakespeare.txt); a clean tree is enough, runs go to $ROOT:
+#
+#     bash bench/shakespeare_ablation.sh                 # everything (~1.5-2 h on 2 cores)
+#     ONLY=gpt2,crate bash bench/shakespeare_ablation.sh # some configurations
+#     REPORT_ONLY=1 bash bench/shakespeare_ablation.sh   # only re-write the report
+#
+# JOBS sweeps run side by side, each with nproc/JOBS threads (the numbers in the docs: 2
+# cores, JOBS=2, one thread per run). A finished point is skipped on a re-run, so the
+# script can be stopped and started again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROOT=${ROOT:-runs/ablation/shakespeare-char}
+OUT=${OUT:-docs/ablation/shakespeare-char}
+SEEDS=${SEEDS:-3}
+JOBS=${JOBS:-2}
+ONLY=${ONLY:-}
+WBSCALE=${WBSCALE:-$( [[ -x .venv/bin/wbscale ]] && echo .venv/bin/wbscale || echo wbscale )}
+export WANDB_MODE=offline WANDB_SILENT=true
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}
+
+# name | recipe | learning rates | recipe overrides (space-separated KEY=VALUE)
+CONFIGS=(
+  "gpt2|shakespeare-char-gpt2|4e-3,8e-3|"
+  "crate|shakespeare-char-crate|3e-3,2e-3|"
+  "crate-rope|shakespeare-char-crate|3e-3,2e-3|model.mssa_rope=true"
+  "crate-8L|shakespeare-char-crate|2e-3,3e-3|model.n_layer=8"
+  "crate-alpha|shakespeare-char-crate|4e-3,3e-3|model.ista_residual=true model.ista_decoder=separate"
+)
+
+selected() { [[ -z $ONLY ]] || [[ ",$ONLY," == *",$1,"* ]]; }
+
+jobs_file=$(mktemp)
+trap 'rm -f "$jobs_file"' EXIT
+for entry in "${CONFIGS[@]}"; do
+  IFS='|' read -r name recipe lrs sets <<<"$entry"
+  selected "$name" || continue
+  for lr in ${lrs//,/ }; do
+    args=("$recipe" --lr "$lr" --seeds "$SEEDS" --name "$name-lr$lr" --out "$ROOT/$name/lr$lr" --no-progress)
+    for s in $sets; do args+=(--set "$s"); done
+    printf '%q ' "$WBSCALE" sweep run "${args[@]}" >>"$jobs_file"
+    echo >>"$jobs_file"
+  done
+done
+
+if [[ -z ${REPORT_ONLY:-} ]]; then
+  # one data preparation for all (the recipes share data/shakespeare-char)
+  "$WBSCALE" data prepare shakespeare-char-crate
+  xargs -P "$JOBS" -I{} bash -c '{}' <"$jobs_file"
+fi
+
+# one folder holding every run (links), for one report
+all="$ROOT/all"
+rm -rf "$all" && mkdir -p "$all"
+for run in "$ROOT"/*/lr*/*/; do
+  [[ -f $run/recipe.yaml ]] || continue
+  config=$(basename "$(dirname "$(dirname "$run")")")
+  ln -s "$(cd "$run" && pwd)" "$all/$config-$(basename "$(dirname "$run")")-$(basename "$run")"
+done
+"$WBSCALE" sweep report "$all" --out "$OUT"
