@@ -8,6 +8,7 @@ import math
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -548,6 +549,33 @@ def test_lock_of_a_live_prepare_names_its_holder(tmp_path):
         proc.wait()
     prep.prepare(small_cfg(tmp_path), progress=False)  # its holder is gone: taken over
     assert not (out / prep.LOCK_FILE).exists()
+
+
+def test_fit_waits_for_a_live_prepare_of_its_data_folder(tmp_path, capfd, monkeypatch):
+    # The runs of a sweep or a job array share one data folder and start together: the one
+    # that finds it locked waits for the holder instead of failing.
+    import subprocess
+
+    monkeypatch.setattr(prep, "LOCK_POLL_S", 0.1)
+    out = tmp_path / "data"
+    hold = (
+        "import sys, time\nfrom wbscale.locks import acquire\n"
+        "lock = acquire(sys.argv[1], 'wbscale data prepare')\nprint('held', flush=True)\ntime.sleep(1.5)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", hold, str(out / prep.LOCK_FILE)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "held\n"
+        started = time.monotonic()
+        prep.prepare(small_cfg(tmp_path), progress=False, wait=True)
+        assert proc.poll() is not None and time.monotonic() - started >= 0.5  # it waited for the holder
+    finally:
+        proc.kill()
+        proc.wait()
+    err = capfd.readouterr().err
+    assert err.count("waiting for another process preparing") == 1 and f"pid {proc.pid} on " in err
+    assert load_manifest(out)["vocab_size"] > 0
 
 
 def test_lock_left_by_a_killed_prepare_is_taken_over(tmp_path, capfd):

@@ -396,18 +396,21 @@ class PrepareReport:
     repaired: list[str] = field(default_factory=list)  # corrupt or missing shards rebuilt
 
 
-def prepare(cfg: DataConfig, progress: bool = True, force: bool = False) -> Path:
+def prepare(cfg: DataConfig, progress: bool = True, force: bool = False, wait: bool = False) -> Path:
     """Prepare ``cfg.out_dir`` (tokenizer, shards, manifest) and return it.
 
     Re-running with the same config checks the shards by checksum and does nothing if
     they are intact. ``force`` replaces a folder prepared with a different config.
+    Another live prepare of the same folder is refused (UserError naming it), or with
+    ``wait`` waited for: what ``fit`` does, since the runs of a sweep or a job array share
+    one data folder and start together.
     Tokenization runs in worker processes (forked on Linux; spawned elsewhere, where a
     calling script needs the usual ``if __name__ == "__main__":`` guard).
     """
-    return prepare_data(cfg, progress=progress, force=force).data_dir
+    return prepare_data(cfg, progress=progress, force=force, wait=wait).data_dir
 
 
-def prepare_data(cfg: DataConfig, progress: bool = True, force: bool = False) -> PrepareReport:
+def prepare_data(cfg: DataConfig, progress: bool = True, force: bool = False, wait: bool = False) -> PrepareReport:
     """:func:`prepare`, returning a :class:`PrepareReport` of the work done."""
     out = Path(cfg.out_dir).expanduser()
     if out.exists() and not out.is_dir():
@@ -415,7 +418,7 @@ def prepare_data(cfg: DataConfig, progress: bool = True, force: bool = False) ->
     fingerprint = config_fingerprint(cfg)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        with _sigterm_exits(out), _locked(out):
+        with _sigterm_exits(out), _locked(out, wait):
             return _prepare_locked(cfg, out, fingerprint, progress, force)
     except OSError as err:
         if err.errno not in DISK_FULL_ERRNOS:
@@ -624,13 +627,26 @@ def _clear(out: Path) -> None:
             p.unlink()
 
 
+LOCK_POLL_S = 2.0
+
+
 @contextlib.contextmanager
-def _locked(out: Path) -> Iterator[None]:
-    """Hold ``out/.prepare.lock``; a lock left by a killed prepare is taken over."""
-    try:
-        lock = locks.acquire(out / LOCK_FILE, "wbscale data prepare")
-    except locks.LockHeld as err:
-        raise UserError(f"another `wbscale data prepare` is writing to '{out}': {err}") from None
+def _locked(out: Path, wait: bool = False) -> Iterator[None]:
+    """Hold ``out/.prepare.lock``; a lock left by a killed prepare is taken over. A live
+    holder: UserError, or with ``wait`` poll until it is done (or dies: then taken over)."""
+    said = False
+    while True:
+        try:
+            lock = locks.acquire(out / LOCK_FILE, "wbscale data prepare")
+            break
+        except locks.LockHeld as err:
+            if not wait:
+                raise UserError(f"another `wbscale data prepare` is writing to '{out}': {err}") from None
+            if not said:
+                print(f"waiting for another process preparing '{out}' ({err.holder.describe()})",
+                      file=sys.stderr, flush=True)
+                said = True
+            time.sleep(LOCK_POLL_S)
     with lock:
         yield
 

@@ -342,7 +342,7 @@ def run_sweep(
     for recipe in recipes:
         key = json.dumps(dataclasses.asdict(recipe.data), sort_keys=True)
         if key not in prepared:
-            prepare(recipe.data, progress=progress)
+            prepare(recipe.data, progress=progress, wait=True)  # another sweep may share it
             prepared.add(key)
     bar = _progress_bar(len(points), progress)
     try:

@@ -87,7 +87,7 @@ def ensure_data(recipe: Recipe, progress: bool = True) -> Path:
     """Prepare the recipe's token shards unless they are already there and intact."""
     data_dir = Path(recipe.data.out_dir)
     if is_rank_zero():
-        prepare(recipe.data, progress=progress)
+        prepare(recipe.data, progress=progress, wait=True)  # runs of a sweep share the folder
     else:  # torchrun/srun start every rank at once: let rank 0 finish preparing first
         wait_for_rank_zero(data_dir / MANIFEST_FILE, "data preparation")
     load_manifest(data_dir, verify=True)
