@@ -246,14 +246,20 @@ def _fake_checkpoint(folder: Path, step: int) -> Path:
     return path
 
 
-def test_checksums_name_the_corrupt_file(tmp_path):
+def test_checksums_name_the_corrupt_file(tmp_path, capsys):
+    from wbscale.cli import main
+
     path = _fake_checkpoint(tmp_path / "checkpoints", 4)
     assert checkpoint_problems(read_checkpoint(path)) == []
+    assert main(["ckpt", "inspect", str(path)]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True
     flip_byte(path / "model.ckpt", 0.8)  # inside the tensor data: torch.load would not notice
     (problem,) = checkpoint_problems(read_checkpoint(path))
     assert "model.ckpt: sha256 mismatch" in problem
     report = inspect_checkpoint(path)
     assert report["ok"] is False and "model.ckpt: sha256 mismatch" in report["problems"][0]
+    assert main(["ckpt", "inspect", str(path)]) == 1  # the report says what is wrong, the status that it is
+    assert json.loads(capsys.readouterr().out)["ok"] is False
     meta = json.loads((path / "meta.json").read_text())
     meta["samples"] = 12345  # an edited or bit-flipped value, still valid JSON
     (path / "meta.json").write_text(json.dumps(meta))

@@ -170,8 +170,9 @@ def cmd_ckpt_import(args: argparse.Namespace) -> int:
 def cmd_ckpt_inspect(args: argparse.Namespace) -> int:
     from wbscale.ckpt.format import inspect_checkpoint
 
-    print(json.dumps(inspect_checkpoint(Path(args.path)), indent=2))
-    return 0
+    report = inspect_checkpoint(Path(args.path))
+    print(json.dumps(report, indent=2))
+    return 0 if report.get("ok") else 1  # a damaged checkpoint: the report says why, the status says so
 
 
 def cmd_ckpt_consolidate(args: argparse.Namespace) -> int:
