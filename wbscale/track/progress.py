@@ -5,7 +5,9 @@
   ETA), shows loss and tokens/s, and none of Lightning's ``v_num`` / ``Epoch 0`` noise.
 - :class:`ProgressLines` (no terminal: SLURM ``.out``, nohup, CI): a logger that prints one
   plain line per logged step, ``step 120/400 (30%) | loss 2.314 | lr 1.9e-03 | 8,512 tok/s |
-  MFU 41.2% | 0:01:12 elapsed | ETA 0:02:48``, and one per validation.
+  MFU 41.2% | 0:01:12 elapsed | ETA 0:02:48``, and one per validation. Its clock starts when
+  training starts (Lightning's ``on_train_start``, after a resume has restored the step), so
+  elapsed and ETA count from there, not from the first logged step.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from argparse import Namespace
 from collections.abc import Mapping
 from typing import Any
 
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.loggers.logger import Logger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
@@ -44,8 +46,23 @@ def progress_line(step: int, max_steps: int, metrics: Mapping[str, float], elaps
     return " | ".join(parts)
 
 
+class _TrainClock(Callback):
+    """Starts a :class:`ProgressLines` clock at ``on_train_start`` (the step a resume restored)."""
+
+    def __init__(self, lines: ProgressLines) -> None:
+        self.lines = lines
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self.lines.start(int(trainer.global_step))
+
+
 class ProgressLines(Logger):
-    """Print a plain progress line for every logged training step and every validation."""
+    """Print a plain progress line for every logged training step and every validation.
+
+    A logger gets no training hooks, so when Lightning hands it the module at fit start
+    (``log_graph``) it adds a small callback to that trainer that starts the clock at
+    ``on_train_start``.
+    """
 
     def __init__(self, max_steps: int, stream: Any = None) -> None:
         super().__init__()
@@ -62,16 +79,25 @@ class ProgressLines(Logger):
     def version(self) -> int:
         return 0
 
+    def start(self, step: int) -> None:
+        """Start the clock: training begins (or resumes) at optimizer step ``step``."""
+        self._t0, self._start_step = time.monotonic(), int(step)
+
     @rank_zero_only
     def log_hyperparams(self, params: dict[str, Any] | Namespace, *args: Any, **kwargs: Any) -> None:
         """Nothing: the recipe is in the run folder."""
+
+    def log_graph(self, model: Any, input_array: Any = None) -> None:
+        trainer = getattr(model, "_trainer", None)  # the property raises when detached
+        if trainer is not None and not any(isinstance(c, _TrainClock) and c.lines is self for c in trainer.callbacks):
+            trainer.callbacks.insert(0, _TrainClock(self))
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         if step is None:
             return
-        if self._t0 is None:
-            self._t0, self._start_step = time.monotonic(), int(step) - 1
+        if self._t0 is None:  # no train-start hook reached us (used outside Trainer.fit)
+            self.start(int(step) - 1)
         out = self.stream or sys.stderr
         if "train/loss" in metrics:
             print("[wbscale] " + progress_line(int(step), self.max_steps, metrics, time.monotonic() - self._t0,
