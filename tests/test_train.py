@@ -167,6 +167,9 @@ def test_import_published_crate_lm_then_generate(shared_data, tmp_path, capsys):
     tokenizer = shared_data / "data" / "tokenizer.json"
     assert main(["ckpt", "import", "--format", "crate-lm", str(tmp_path / "ckpt.pt"), "--out", str(out),
                  "--tokenizer", str(tokenizer)]) == 0
+    # normal permissions (safetensors alone writes 0600): consolidate and the BIMT export share this writer
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {
+        "model.safetensors": 0o644, "recipe.yaml": 0o644, "tokenizer.json": 0o644}
     capsys.readouterr()
     assert main(["generate", "--ckpt", str(out), "--prompt", "The", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.startswith("The")

@@ -134,7 +134,9 @@ def export_folder(
     model: LanguageModel, recipe: Recipe, out_dir: Path, tokenizer_path: Path | None = None,
     dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write an inference folder atomically (tmp folder, then rename)."""
+    """Write an inference folder atomically (tmp folder, then rename), files 0644 like the HF export."""
+    from wbscale.ckpt.export_hf import FILE_MODE  # here: export_hf imports this module
+
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     if tmp.exists():
@@ -146,6 +148,8 @@ def export_folder(
     save_recipe(recipe, tmp / RECIPE_FILE)
     if tokenizer_path is not None:
         shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
+    for child in tmp.iterdir():
+        child.chmod(FILE_MODE)  # safetensors' save_model leaves 0600 (and copyfile keeps the source's mode)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
