@@ -50,6 +50,66 @@ def test_wheel_ships_recipes_job_templates_and_license(wheel):
     assert any(n.endswith("licenses/LICENSE") for n in names), names[-10:]
 
 
+def _requires_dist(wheel: Path) -> list:
+    from packaging.requirements import Requirement
+
+    with zipfile.ZipFile(wheel) as zf:
+        (meta,) = [n for n in zf.namelist() if n.endswith(".dist-info/METADATA")]
+        text = zf.read(meta).decode()
+    return [Requirement(line.split(":", 1)[1].strip()) for line in text.splitlines() if line.startswith("Requires-Dist:")]
+
+
+def _extra(req) -> str | None:
+    """The extra a Requires-Dist line belongs to (None: a core dependency)."""
+    for extra in ("deepspeed", "hf", "wandb", "eval", "all", "dev"):
+        if req.marker is not None and req.marker.evaluate({"extra": extra, "platform_system": "Linux"}) \
+                and not req.marker.evaluate({"extra": "", "platform_system": "Linux"}):
+            return extra
+    return None
+
+
+def test_wheel_declares_core_dependencies_extras_and_a_linux_only_triton(wheel):
+    import importlib.metadata
+
+    from packaging.utils import canonicalize_name
+
+    reqs = _requires_dist(wheel)
+    by_extra: dict[str | None, dict[str, object]] = {}
+    for req in reqs:
+        by_extra.setdefault(_extra(req), {})[canonicalize_name(req.name)] = req
+    core = by_extra[None]
+    assert {"torch", "lightning", "tokenizers", "safetensors", "huggingface-hub", "tqdm", "pyyaml", "matplotlib",
+            "numpy", "triton"} <= set(core), sorted(core)
+    assert all(core[name].marker is None for name in core if name != "triton")
+    triton = core["triton"].marker  # imported lazily for the CUDA kernels: pip install works on macOS
+    assert triton is not None and triton.evaluate({"platform_system": "Linux", "extra": ""})
+    assert not triton.evaluate({"platform_system": "Darwin", "extra": ""})
+    assert not triton.evaluate({"platform_system": "Windows", "extra": ""})
+    assert set(by_extra["deepspeed"]) == {"deepspeed"}
+    assert set(by_extra["wandb"]) == {"wandb"}
+    assert set(by_extra["hf"]) == {"datasets", "pyarrow", "transformers"}
+    assert set(by_extra["eval"]) == {"lm-eval"}
+    (everything,) = by_extra["all"].values()
+    assert canonicalize_name(everything.name) == "wbscale" and everything.extras == {"deepspeed", "eval", "hf", "wandb"}
+    assert "<" in str(core["lightning"].specifier)  # wbscale overrides private Lightning hooks
+    # the floors are ones CI proves: what this environment installed satisfies every declared range
+    for extra, named in by_extra.items():
+        for name, req in named.items():
+            if name == "wbscale":
+                continue
+            try:
+                installed = importlib.metadata.version(name)
+            except importlib.metadata.PackageNotFoundError:
+                continue  # e.g. triton on a CPU-only machine
+            assert req.specifier.contains(installed, prereleases=True), f"[{extra}] {req}: {installed} installed"
+
+
+def test_docs_use_hf_download_not_the_removed_huggingface_cli():
+    files = [ROOT / "README.md", *(ROOT / "docs").rglob("*.md"), *(ROOT / "recipes").rglob("*.yaml")]
+    stale = [str(f.relative_to(ROOT)) for f in files if "huggingface-cli" in f.read_text(encoding="utf-8")]
+    assert not stale, f"huggingface_hub >= 1.0 has no huggingface-cli (use `hf download`): {stale}"
+
+
 @pytest.mark.slow
 def test_installed_wheel_runs_the_demo_recipe_from_any_folder(wheel, tmp_path):
     venv = tmp_path / "venv"
