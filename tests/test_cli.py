@@ -165,6 +165,16 @@ def test_slurm_record_start_is_a_cli_command(tmp_path, capsys):
         assert "wbscale.slurm.record" not in text, template
 
 
+def test_version(capsys):
+    from wbscale import __version__
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"wbscale {__version__}"
+    assert re.fullmatch(r"\d+\.\d+\.\d+\S*", __version__)
+
+
 def test_no_python_m_side_doors():
     for path in (REPO / "wbscale").rglob("*.py"):
         if path.name == "cli.py" and path.parent.name == "wbscale":
