@@ -339,6 +339,107 @@ def test_collective_timeout_is_a_recipe_value(tmp_path):
         load_recipe("demo", ["distributed.timeout_s=0"])
 
 
+def test_a_write_error_without_errno_is_decided_by_a_probe_write(tmp_path, monkeypatch):
+    """torch / DeepSpeed lose the errno of a full disk ("unexpected pos …", "basic_ios::clear:
+    iostream error"): a 1 MiB probe write in the checkpoint's folder decides, and is removed."""
+    import builtins
+    import errno
+
+    import torch
+
+    from wbscale.ckpt import writer
+
+    lost = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 66176 vs 66064")
+    assert writer._disk_full(lost, tmp_path) is None  # the disk has room: not a full disk, re-raised as is
+    assert writer._disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"), tmp_path) == errno.EDQUOT
+    assert writer._disk_full(OSError(errno.EACCES, "Permission denied"), tmp_path) is None
+    assert writer._disk_full(RuntimeError("basic_ios::clear: iostream error"), tmp_path / "nowhere") is None
+    for code in (errno.ENOSPC, errno.EDQUOT):
+        def full_open(path, mode="r", *args, code=code, **kw):
+            f = builtins.open(path, mode, *args, **kw)
+            if "w" in mode:
+                f.close()  # created, as on a real disk, then the write fails
+                raise OSError(code, os.strerror(code), str(path))
+            return f
+
+        monkeypatch.setattr(writer, "open", full_open, raising=False)
+        assert writer._disk_full(RuntimeError("basic_ios::clear: iostream error"), tmp_path) == code
+        assert writer._disk_full(OSError("file write failed"), tmp_path) == code
+        monkeypatch.undo()
+        assert list(tmp_path.iterdir()) == [], "the probe file was left behind"
+    err = writer._disk_full_error(tmp_path / "checkpoints", tmp_path / "checkpoints" / ".tmp-step-00000002",
+                                  errno.EDQUOT, lost, torch.nn.Linear(1000, 1000, bias=False))
+    assert str(err).startswith("disk quota exceeded writing checkpoint") and "no checkpoint was saved" in str(err)
+    assert "needs at least about 11.4 MiB" in str(err) and "unexpected pos 66176" in str(err), err
+
+
+def _mount_tmpfs(folder: Path, size: str, remount: bool = False) -> None:
+    options = f"remount,size={size}" if remount else f"size={size}"
+    cmd = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        if remount:
+            raise AssertionError(f"remounting the tmpfs failed: {proc.stderr}")
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.strip() or proc.returncode}")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real tmpfs (size set by the test): writes fail with ENOSPC when it is full."""
+    if shutil.which("mount") is None or not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("a real full disk needs root (mount -t tmpfs)")
+    folder = tmp_path / "small-disk"
+    folder.mkdir()
+    mounted = []
+
+    def mount(size: str) -> Path:
+        _mount_tmpfs(folder, size, remount=bool(mounted))
+        mounted.append(size)
+        return folder
+
+    yield mount
+    if mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+# (kind, recipe, tmpfs size that holds one checkpoint of it but not two): a checkpoint is
+# ~0.35 MiB plain, ~0.5 MiB ZeRO-2 (model states + optimizer shard + DeepSpeed's scripts)
+DISK_KINDS = {
+    "plain": ({}, "600k"),
+    "zero": ({"distributed.strategy": "deepspeed", "distributed.zero_stage": 2}, "700k"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", sorted(DISK_KINDS))
+def test_disk_full_on_a_real_tmpfs_is_one_line_and_the_previous_checkpoint_resumes(tmp, small_disk, kind):
+    """A full disk (a real tmpfs) at the first checkpoint, then at a later one: exit 2, one
+    line naming the folder and the space needed, nothing half-written left, the previous
+    checkpoint intact and resumed once there is space. For ZeRO the errno is lost inside
+    torch.save ("unexpected pos …"): the probe write finds the full disk."""
+    recipe, one_ckpt = DISK_KINDS[kind]
+    env = {"DS_ACCELERATOR": "cpu"}
+    disk = small_disk("250k")  # less than any checkpoint of this model
+    extra = {**recipe, "train.runs_dir": str(disk), "train.max_steps": 4, "tracking.metrics_every": 0}
+    first = fit_child(tmp, f"disk-{kind}-first", expect=2, env=env, **extra)
+    assert_one_error_line(first.output(), "no space left on the disk writing checkpoint", ".tmp-step-00000002",
+                          "needs at least about", "no checkpoint was saved")
+    shutil.rmtree(disk / f"disk-{kind}-first")
+    small_disk(one_ckpt)
+    run = f"disk-{kind}"
+    child = fit_child(tmp, run, expect=2, env=env, **extra)
+    assert_one_error_line(child.output(), "no space left on the disk writing checkpoint", ".tmp-step-00000004",
+                          "needs about", "step-00000002) is intact")
+    names = sorted(p.name for p in (disk / run / "checkpoints").iterdir())
+    assert names == ["last", "step-00000002"], f"a half-written checkpoint is visible: {names}"
+    last = latest_checkpoint(disk / run)
+    assert last.step == 2 and checkpoint_problems(last) == []
+    small_disk("8m")  # space freed: the run resumes from the intact checkpoint
+    resumed = fit_child(tmp, run, env=env, **extra)
+    assert f"resuming '{run}' from step 2" in resumed.output()
+    assert latest_checkpoint(disk / run).step == 4
+
+
 # ---------------------------------------------------------------------------- kill -9
 
 

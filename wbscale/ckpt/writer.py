@@ -20,6 +20,13 @@ Pruning (``keep_last``) renames a folder to ``.trash-…`` before deleting it, s
 mid-delete never leaves a half-deleted ``step-…`` folder; leftovers (``.trash-*``,
 ``.tmp-step-*``, ``.*.tmp-<pid>`` files) are removed when a run (re)starts.
 
+A full disk (ENOSPC) or quota (EDQUOT) while writing is one error line (exit 2) naming the
+folder, the space a checkpoint needs (the previous one's size, or for the first one an
+estimate from the parameter count) and the space left; the partial folder is removed and
+``last`` still names the previous checkpoint. torch's and DeepSpeed's writers lose the
+errno ("unexpected pos …", "basic_ios::clear: iostream error"): a 1 MiB probe write in the
+temp folder decides whether the disk is full.
+
 Fault injection (tests): ``WBSCALE_FAULT=<point>[@<step>]`` kills the process (SIGKILL)
 at that point of the writer; :data:`FAULT_POINTS` lists them. ``WBSCALE_FAULT=disk-full@<step>``
 makes that step's write fail as on a full disk.
@@ -27,6 +34,7 @@ makes that step's write fail as on a full disk.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -50,6 +58,7 @@ from wbscale.ckpt.format import (
     STEP_DIR,
     checkpoints_dir,
     hash_files,
+    latest_checkpoint,
     list_checkpoints,
     meta_digest,
     step_dir_name,
@@ -128,42 +137,91 @@ def clean_stale(run_dir: Path) -> list[str]:
 
 
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+_PROBE_BYTES = 1 << 20
+# What torch / DeepSpeed raise when a write fails on a full disk, the errno lost on the way
+# (torch.save's C++ stream writer): "file write failed", "unexpected pos 66176 vs 66064",
+# "basic_ios::clear: iostream error". Not matched on text alone: a probe write decides.
+_LOST_ERRNO_WRITE = ("write failed", "unexpected pos", "iostream error", "PytorchStreamWriter", "inline_container")
 
 
-def _disk_full(err: BaseException, root: Path) -> bool:
-    """ENOSPC / EDQUOT, also as torch's "file write failed" (which loses the errno)."""
-    if isinstance(err, OSError):
-        return err.errno in _DISK_FULL
+def _probe_space(folder: Path) -> int | None:
+    """Write (and fsync) a 1 MiB file in ``folder``: the errno if that fails with
+    ENOSPC / EDQUOT, else None. The probe file is removed either way."""
+    if not folder.is_dir():
+        return None
+    probe = folder / f".space-probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * _PROBE_BYTES)
+            f.flush()
+            os.fsync(f.fileno())  # some filesystems (NFS, quotas) report only at fsync / close
+    except OSError as err:
+        return err.errno if err.errno in _DISK_FULL else None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    return None
+
+
+def _disk_full(err: BaseException, folder: Path) -> int | None:
+    """ENOSPC / EDQUOT (the errno) if ``err`` is a write that failed for lack of space.
+
+    An OSError with its errno says so itself; a RuntimeError (torch's and DeepSpeed's
+    writers lose the errno) or an OSError without errno is decided by a probe write in
+    ``folder`` (the checkpoint's temp folder, whose partial files still take their space).
+    """
+    if isinstance(err, OSError) and err.errno is not None:
+        return err.errno if err.errno in _DISK_FULL else None
     text = str(err)
-    if "No space left" in text or "Disk quota exceeded" in text:
-        return True
-    if "write failed" in text or "PytorchStreamWriter failed" in text:
-        try:
-            return shutil.disk_usage(root).free < (64 << 20)
-        except OSError:
-            return False
-    return False
+    if "No space left" in text:
+        return errno.ENOSPC
+    if "Disk quota exceeded" in text:
+        return errno.EDQUOT
+    if isinstance(err, (OSError, RuntimeError)):
+        return _probe_space(folder)
+    return None
 
 
 def _gib(n: float) -> str:
     return f"{n / (1 << 30):.2f} GiB" if n >= (1 << 27) else f"{n / (1 << 20):.1f} MiB"
 
 
-def _disk_full_error(root: Path, tmp: Path, err: BaseException) -> UserError:
+def estimate_checkpoint_bytes(module: torch.nn.Module | None) -> int | None:
+    """What a first checkpoint of ``module`` takes at least: fp32 weights and AdamW's two
+    moments (12 bytes per parameter; ZeRO-3 partitioned parameters count in full)."""
+    if module is None:
+        return None
+    seen: dict[int, int] = {}
+    for p in module.parameters():
+        seen[id(p)] = int(getattr(p, "ds_numel", 0) or p.numel())
+    params = sum(seen.values())
+    return 12 * params if params else None
+
+
+def _disk_full_error(root: Path, tmp: Path, code: int, err: BaseException, module: torch.nn.Module | None = None) -> UserError:
     previous = list_checkpoints(root.parent)
     needed = sum((previous[-1].meta.get(SIZES_KEY) or {}).values()) if previous else None
+    if needed:
+        need = f"a checkpoint of this run needs about {_gib(needed)}"
+    else:
+        estimate = estimate_checkpoint_bytes(module)
+        need = (f"a checkpoint of this model needs at least about {_gib(estimate)}: fp32 weights and AdamW moments"
+                if estimate else "it needs more space")
     try:
         free = shutil.disk_usage(root).free
     except OSError:
         free = None
-    quota = isinstance(err, OSError) and err.errno == errno.EDQUOT
-    what = "disk quota exceeded" if quota else "no space left on the disk"
-    need = f"a checkpoint of this run needs about {_gib(needed)}" if needed else "it needs more space"
+    what = "disk quota exceeded" if code == errno.EDQUOT else "no space left on the disk"
     have = f", {_gib(free)} free" if free is not None else ""
     last = f"the previous checkpoint ({previous[-1].path.name}) is intact" if previous else "no checkpoint was saved"
+    if isinstance(err, OSError) and err.errno is not None:
+        cause = ""
+    else:  # the writer's own words, for the record (the probe decided it was the disk)
+        first = (str(err).strip().splitlines() or [type(err).__name__])[-1]
+        cause = f" [{type(err).__name__}: {first[:120]}]"
     return UserError(
         f"{what} writing checkpoint {tmp} ({need}{have}); {last}. Free up space (or lower "
-        "train.keep_last) and resume with --resume auto"
+        f"train.keep_last) and resume with --resume auto{cause}"
     )
 
 
@@ -246,11 +304,12 @@ class AtomicCheckpoint(L.Callback):
         try:
             return self._write(trainer)
         except (OSError, RuntimeError) as err:
-            if not _disk_full(err, root):
+            code = _disk_full(err, tmp if tmp.is_dir() else root)
+            if code is None:
                 raise
             self._pending = None
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise _disk_full_error(root, tmp, err) from None
+            shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays; `last` is untouched
+            raise _disk_full_error(root, tmp, code, err, trainer.lightning_module) from None
 
     def _write(self, trainer: L.Trainer) -> Path:
         step = trainer.global_step
@@ -314,6 +373,19 @@ class AtomicCheckpoint(L.Callback):
         self._pending = None
         if not trainer.is_global_zero:
             return final
+        try:
+            return self._publish(trainer, tmp, final, step)
+        except OSError as err:
+            if err.errno not in _DISK_FULL:
+                raise
+            what = "disk quota exceeded" if err.errno == errno.EDQUOT else "no space left on the disk"
+            last = latest_checkpoint(self.run_dir)
+            raise UserError(
+                f"{what} publishing checkpoint {final.name} ({err.filename or final.parent}); the run's `last` "
+                f"checkpoint ({last.path.name if last else 'none'}) is intact. Free up space and resume with --resume auto"
+            ) from None
+
+    def _publish(self, trainer: L.Trainer, tmp: Path, final: Path, step: int) -> Path:
         for logger in trainer.loggers:  # the step's metric rows reach the disk first
             sync = getattr(logger, "sync", None)
             if callable(sync):
