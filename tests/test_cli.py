@@ -175,6 +175,34 @@ def test_version(capsys):
     assert re.fullmatch(r"\d+\.\d+\.\d+\S*", __version__)
 
 
+def test_print_completion_for_bash_completes_sub_commands(capsys, tmp_path):
+    import shutil
+    import subprocess
+
+    pytest.importorskip("shtab")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--print-completion", "bash"])
+    assert exit_.value.code == 0
+    script = tmp_path / "wbscale.bash"
+    script.write_text(capsys.readouterr().out)
+    if shutil.which("bash") is None:
+        return
+    probe = (f"source {script}; COMP_WORDS=(wbscale ckpt con); COMP_CWORD=2; COMP_LINE='wbscale ckpt con'; "
+             "COMP_POINT=${#COMP_LINE}; _shtab_wbscale wbscale con ckpt; echo \"${COMPREPLY[@]}\"")
+    out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.split() == ["consolidate"], out.stdout + out.stderr
+
+
+def test_print_completion_without_shtab_names_the_extra(monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "shtab", None)  # import shtab raises ImportError
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--print-completion", "zsh"])
+    assert exit_.value.code == 2
+    assert "pip install 'wbscale[completion]'" in capsys.readouterr().err
+
+
 def test_no_python_m_side_doors():
     for path in (REPO / "wbscale").rglob("*.py"):
         if path.name == "cli.py" and path.parent.name == "wbscale":

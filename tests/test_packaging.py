@@ -61,7 +61,7 @@ def _requires_dist(wheel: Path) -> list:
 
 def _extra(req) -> str | None:
     """The extra a Requires-Dist line belongs to (None: a core dependency)."""
-    for extra in ("deepspeed", "hf", "wandb", "eval", "all", "dev"):
+    for extra in ("deepspeed", "hf", "wandb", "eval", "completion", "all", "dev"):
         if req.marker is not None and req.marker.evaluate({"extra": extra, "platform_system": "Linux"}) \
                 and not req.marker.evaluate({"extra": "", "platform_system": "Linux"}):
             return extra
@@ -89,8 +89,9 @@ def test_wheel_declares_core_dependencies_extras_and_a_linux_only_triton(wheel):
     assert set(by_extra["wandb"]) == {"wandb"}
     assert set(by_extra["hf"]) == {"datasets", "pyarrow", "transformers"}
     assert set(by_extra["eval"]) == {"lm-eval"}
+    assert set(by_extra["completion"]) == {"shtab"}
     (everything,) = by_extra["all"].values()
-    assert canonicalize_name(everything.name) == "wbscale" and everything.extras == {"deepspeed", "eval", "hf", "wandb"}
+    assert canonicalize_name(everything.name) == "wbscale" and everything.extras == {"deepspeed", "eval", "hf", "wandb", "completion"}
     assert "<" in str(core["lightning"].specifier)  # wbscale overrides private Lightning hooks
     # the floors are ones CI proves: what this environment installed satisfies every declared range
     for extra, named in by_extra.items():

@@ -532,9 +532,27 @@ def _job_options(args: argparse.Namespace):
     )
 
 
+class _PrintCompletion(argparse.Action):
+    """``--print-completion SHELL``: a completion script from shtab (the optional extra)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            import shtab
+        except ImportError:
+            from wbscale.errors import extra_requirement
+
+            parser.exit(2, f"wbscale: error: {option_string} needs the 'shtab' package, which is not installed: "
+                           f"pip install '{extra_requirement('completion')}'\n")
+        print(shtab.complete(parser, shell=values))
+        parser.exit(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="wbscale", description="Train and inspect white-box (CRATE) language models.")
     parser.add_argument("--version", action="version", version=f"wbscale {__version__}")
+    parser.add_argument("--print-completion", choices=("bash", "zsh", "tcsh"), action=_PrintCompletion, metavar="SHELL",
+                        help="print a shell completion script (bash, zsh, tcsh; needs pip install "
+                             "'wbscale[completion]'), e.g. wbscale --print-completion bash > ~/.wbscale-complete.bash")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     recipe_args, device_args = _recipe_parent(), _device_parent()
 
