@@ -36,7 +36,7 @@ from tokenizers import Tokenizer
 
 from wbscale.ckpt.consolidate import consolidate
 from wbscale.ckpt.format import read_checkpoint
-from wbscale.ckpt.load import RECIPE_FILE, WEIGHTS_FILE, load_for_inference
+from wbscale.ckpt.load import FILE_MODE, RECIPE_FILE, WEIGHTS_FILE, load_for_inference
 from wbscale.config import Recipe
 from wbscale.data.tokenizer import eot_id, vocab_size
 from wbscale.errors import UserError
@@ -48,7 +48,6 @@ _HF_DTYPE = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16
 TEMPLATES = {"configuration_crate.py": "hf_configuration_crate.py", "modeling_crate.py": "hf_modeling_crate.py"}
 # HF GPT-2 uses Conv1D, whose weight is (in, out): the transpose of nn.Linear's (out, in).
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-FILE_MODE = 0o644
 
 
 # ---------------------------------------------------------------------------- loading

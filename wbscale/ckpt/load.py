@@ -28,6 +28,7 @@ from wbscale.models.published import load_published_crate
 WEIGHTS_FILE = "model.safetensors"
 RECIPE_FILE = "recipe.yaml"
 TOKENIZER_FILE = "tokenizer.json"
+FILE_MODE = 0o644  # every file an export writes (export folders here, Hugging Face folders in export_hf)
 
 
 def _load_training_checkpoint(path: Path) -> tuple[LanguageModel, Recipe, Path | None]:
@@ -135,8 +136,6 @@ def export_folder(
     dtype: torch.dtype | None = None,
 ) -> Path:
     """Write an inference folder atomically (tmp folder, then rename), files 0644 like the HF export."""
-    from wbscale.ckpt.export_hf import FILE_MODE  # here: export_hf imports this module
-
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     if tmp.exists():
