@@ -31,8 +31,7 @@ CONFIGS=(
   "gpt2|shakespeare-char-gpt2|4e-3,8e-3|"
   "crate|shakespeare-char-crate|3e-3,2e-3|"
   "crate-rope|shakespeare-char-crate|3e-3,2e-3|model.mssa_rope=true"
-  "crate-8L|shakespeare-char-crate|2e-3,3e-3|model.n_layer=8"
-  "crate-alpha|shakespeare-char-crate|4e-3,3e-3|model.ista_residual=true model.ista_decoder=separate"
+  "crate-rope-8L|shakespeare-char-crate|2e-3|model.mssa_rope=true model.n_layer=8"
 )
 
 selected() { [[ -z $ONLY ]] || [[ ",$ONLY," == *",$1,"* ]]; }

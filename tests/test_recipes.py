@@ -3,6 +3,7 @@ hardware it names (per the memory estimator), and a few train 2 steps on CPU whe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -21,6 +22,8 @@ LADDER = sorted(n for n in ALL if re.match(r"(tinystories-|gpt2-|crate-)", n))
 # Which GPT-2-scale CRATE recipe has the shape of which GPT-2 one.
 PAIRS = {"crate-base": "gpt2-124m", "crate-medium": "gpt2-350m", "crate-large": "gpt2-774m", "crate-xl": "gpt2-1.5b"}
 LADDER_SIZES = ("1m", "3m", "8m", "15m", "33m", "42m", "110m")
+# Named CRATE variants (docs/ablation.md): each has a twin of every TinyStories-ladder recipe.
+VARIANTS = {"crate-rope": {"mssa_rope": True}}
 
 
 def closed_form_params(m: ModelConfig) -> int:
@@ -43,6 +46,12 @@ def test_the_ladder_is_complete():
     for size in LADDER_SIZES:
         for arch in ("crate", "gpt2"):
             assert f"tinystories-{arch}-{size}" in ALL, f"missing recipes/tinystories-{arch}-{size}.yaml"
+        for variant, options in VARIANTS.items():
+            twin, base = load_recipe(f"tinystories-{variant}-{size}"), load_recipe(f"tinystories-crate-{size}")
+            # the published recipe with the variant's options and its own run name, nothing else
+            assert twin.model == dataclasses.replace(base.model, **options)
+            assert twin.to_dict()["data"] == base.to_dict()["data"] and twin.optim == base.optim
+            assert (twin.train.max_steps, twin.train.micro_batch_size) == (base.train.max_steps, base.train.micro_batch_size)
     for crate, gpt2 in PAIRS.items():
         assert crate in ALL and gpt2 in ALL, f"missing {crate} or {gpt2}"
 
@@ -78,7 +87,7 @@ def test_meta_param_count_matches_closed_form_and_name(name):
     assert facts.non_embedding_params == want - (vocab + m.block_size) * m.n_embd
     # The size in the name is the GPT-2 model's (and the CRATE pair has the same shape).
     if name.startswith("tinystories-"):
-        gpt2 = load_recipe(name.replace("-crate-", "-gpt2-"))
+        gpt2 = load_recipe(re.sub(r"-crate(-[a-z]+)?-", "-gpt2-", name))
         size, params = size_of(name), recipe_facts(gpt2).params
         assert abs(params - size) / size < 0.12, f"{gpt2.train.run_name}: {params:,} parameters for a '{size:,.0f}' label"
     if name in PAIRS or name in PAIRS.values():
