@@ -55,10 +55,13 @@ __all__ = [
     "Holder",
     "Lock",
     "LockHeld",
+    "RUN_LOCK_FILE",
     "acquire",
+    "pid_alive",
     "read_holder",
 ]
 
+RUN_LOCK_FILE = ".fit.lock"  # in a run folder: its one ``wbscale fit`` (wbscale.train.fit.lock_run)
 DEFAULT_HEARTBEAT_EVERY_S = 30.0
 DEFAULT_STALE_AFTER_S = 300.0
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # fixed width: the in-place heartbeat keeps the length
@@ -101,8 +104,11 @@ def _pid_start(pid: int) -> int | None:
         return None
 
 
-def _pid_alive(pid: int, start: int | None) -> bool:
-    """Whether ``pid`` runs on this host (and is the process that started at ``start``)."""
+def pid_alive(pid: int, start: int | None = None) -> bool:
+    """Whether ``pid`` runs on this host (and, given ``start``, is the process that started then).
+
+    A zombie is not alive; where /proc is missing (macOS) ``kill(pid, 0)`` is all it knows.
+    """
     if pid <= 0:
         return False
     if os.name != "posix":
@@ -346,7 +352,7 @@ def _stale_reason(path: Path, holder: Holder | None, stale_after: float) -> str 
     if holder.pid is None:
         return "the lock file names no process"
     if holder.host == socket.gethostname():
-        if not _pid_alive(holder.pid, holder.pid_start):
+        if not pid_alive(holder.pid, holder.pid_start):
             return "that process is no longer running"
         return None
     beats = [t for t in (_parse_iso(holder.heartbeat), _parse_iso(holder.started)) if t is not None]

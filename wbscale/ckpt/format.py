@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from wbscale.errors import UserError
+from wbscale.io import sha256_file
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 MODEL_FILE = "model.ckpt"
@@ -76,17 +77,6 @@ def meta_digest(meta: dict[str, Any]) -> str:
     body = {k: v for k, v in meta.items() if k != META_SHA_KEY}
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    """sha256 of a file (hashlib releases the GIL: threads hash files in parallel)."""
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        buf = bytearray(1 << 22)
-        view = memoryview(buf)
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
 
 
 def hash_files(paths: Iterable[Path], workers: int | None = None) -> dict[Path, str]:

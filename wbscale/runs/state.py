@@ -43,12 +43,11 @@ import yaml
 
 from wbscale.ckpt.format import LAST_FILE, META_FILE, STEP_DIR, checkpoints_dir
 from wbscale.errors import UserError, did_you_mean
-from wbscale.locks import read_holder
+from wbscale.locks import RUN_LOCK_FILE, pid_alive, read_holder
 from wbscale.runs import store
 from wbscale.slurm.record import read_events as read_job_events
 
 STATES = ("pending", "running", "preempted-requeued", "failed", "finished", "stale")
-RUN_LOCK_FILE = ".fit.lock"  # wbscale.train.fit.RUN_LOCK_FILE (train is above this layer)
 WANDB_ID_FILE = "wandb_id.txt"  # wbscale.track.wandb_run.WANDB_ID_FILE (imports Lightning)
 STALE_AFTER_S = 600.0  # a lock heartbeat from another host older than this: the holder is gone
 METRICS_TAIL_BYTES = 256 * 1024
@@ -214,27 +213,6 @@ def _short_path(path: Path) -> str:
 # ---------------------------------------------------------------------------- liveness
 
 
-def _pid_alive(pid: int, pid_start: int | None = None) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    rest = stat[stat.rindex(")") + 2:].split()
-    if rest and rest[0] in ("Z", "X"):
-        return False
-    if pid_start is not None and len(rest) > 19 and rest[19].isdigit():
-        return int(rest[19]) == pid_start
-    return True
-
-
 def lock_liveness(run_dir: Path, stale_after: float = STALE_AFTER_S) -> tuple[bool | None, str]:
     """Whether the run lock's holder lives: (True/False, how we know); (None, "") without a lock."""
     path = Path(run_dir) / RUN_LOCK_FILE
@@ -244,7 +222,7 @@ def lock_liveness(run_dir: Path, stale_after: float = STALE_AFTER_S) -> tuple[bo
     if holder.pid is None:
         return False, "its run lock names no process"
     if holder.host == socket.gethostname():
-        if _pid_alive(holder.pid, holder.pid_start):
+        if pid_alive(holder.pid, holder.pid_start):
             return True, f"pid {holder.pid} on {holder.host}"
         return False, f"process {holder.pid} on {holder.host} is gone"
     beats = []
@@ -370,7 +348,7 @@ def derive(
         job_id = _job_of(submit)
         if job_id is None:  # a local relaunch by `runs resubmit`
             pid = submit.get("pid")
-            if lock_alive or (pid and submit.get("host") == socket.gethostname() and _pid_alive(int(pid))):
+            if lock_alive or (pid and submit.get("host") == socket.gethostname() and pid_alive(int(pid))):
                 return "pending", f"relaunched (pid {pid}), starting", False
             return "failed", f"relaunched process {pid} exited before training started (log: {submit.get('log')})", False
         job = snapshot.get(job_id)
@@ -432,7 +410,7 @@ def derive(
     if lock_alive is False:
         return "stale", lock_how, False
     where = f"pid {start.get('pid')} on {start.get('host')}"
-    if start.get("host") == socket.gethostname() and start.get("pid") and _pid_alive(int(start["pid"])):
+    if start.get("host") == socket.gethostname() and start.get("pid") and pid_alive(int(start["pid"])):
         return "running", where, False
     return "stale", f"{where} is gone (no run lock) without a word from the run", False
 

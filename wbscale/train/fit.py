@@ -43,6 +43,7 @@ from wbscale.data.prepare import prepare
 from wbscale.data.tokenizer import TOKENIZER_FILE, load_tokenizer
 from wbscale.errors import UserError
 from wbscale.io import atomic_write_bytes, atomic_write_json
+from wbscale.locks import RUN_LOCK_FILE
 from wbscale.ranks import is_rank_zero, say, wait_for_rank_zero
 from wbscale.sizing import padded_vocab
 from wbscale.slurm.preemption import cluster_plugins
@@ -118,7 +119,6 @@ def resolve_resume(run_dir: Path, resume: str) -> CheckpointInfo | None:
     return info
 
 
-RUN_LOCK_FILE = ".fit.lock"
 _INCARNATION = re.compile(r"SLURM job (\S+) restart (\d+)")
 
 
