@@ -12,7 +12,6 @@ The model calls :func:`ista` and nothing else; ``kernel`` picks the implementati
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 
 from torch import Tensor
@@ -44,10 +43,6 @@ _REFERENCES: dict[str, Callable] = {
     "overcomplete": ista_overcomplete_reference,
     "square": ista_square_reference,
 }
-
-
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @functools.cache

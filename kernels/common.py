@@ -4,16 +4,17 @@ the @triton.jit pieces of their GEMMs (:mod:`.ista_triton`, :mod:`.ista_general`
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from .modes import interpreter_requested
+
 # Read once, like @triton.jit does: kernels decorated without the interpreter cannot run on
 # CPU tensors later, whatever the environment says by then.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRET = interpreter_requested()
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 

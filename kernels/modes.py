@@ -1,4 +1,5 @@
-"""The dispatch's choices (no Triton import): which kernel runs, what it keeps for backward.
+"""The dispatch's choices (no Triton import): which kernel runs, what it keeps for backward,
+whether the Triton interpreter was asked for.
 
 Kernels: ``auto`` (triton on CUDA tensors, eager elsewhere), ``triton``, ``eager``, ``compile``.
 Save modes:
@@ -12,8 +13,19 @@ Save modes:
 
 from __future__ import annotations
 
+import os
+
 KERNELS = ("auto", "triton", "eager", "compile")
 SAVE_MODES = ("all", "x_u", "x")
+
+
+def interpreter_requested() -> bool:
+    """``TRITON_INTERPRET=1`` now: Triton kernels decorated from here on run on CPU tensors.
+
+    Triton reads it once, when a kernel is decorated (:data:`.common._INTERPRET` keeps that
+    first answer); a check before the kernels are imported asks here.
+    """
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def resolve_kernel(kernel: str, device_type: str) -> str:

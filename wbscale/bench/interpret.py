@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from wbscale.ckpt.load import load_for_inference
-from wbscale.interpret.collect import TokenStream, _batches, _resolve_device, collect
+from wbscale.hardware import resolve_device
+from wbscale.interpret.collect import TokenStream, _batches, collect
 
 __all__ = ["bench_interpret"]
 
@@ -26,7 +27,7 @@ __all__ = ["bench_interpret"]
 def bench_interpret(ckpt: str, data_dir: str | None = None, tokens: int = 16384, batch_size: int = 8,
                     device: str = "cpu", repeats: int = 2, layers: str | None = None) -> dict[str, Any]:
     """Tokens/s of a plain forward and of collect's streaming phase over the same tokens."""
-    dev = _resolve_device(device)
+    dev = torch.device(resolve_device(device))
     model, recipe, _ = load_for_inference(ckpt, device=str(dev))
     data = data_dir or recipe.data.out_dir
     stream = TokenStream(data, "val")
@@ -57,4 +58,3 @@ def bench_interpret(ckpt: str, data_dir: str | None = None, tokens: int = 16384,
         "overhead": round(max(forward) / max(streaming), 3),
         "finalize_seconds": min(finalize),
     }
-

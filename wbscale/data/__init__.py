@@ -20,8 +20,7 @@ orchestration). The prepare benchmark is :func:`wbscale.bench.data.bench_prepare
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from wbscale import lazy_exports
 
 _EXPORTS = {
     "generate_stories": "synthetic",
@@ -45,14 +44,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'wbscale.data' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"wbscale.data.{module}"), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from wbscale.errors import UserError
+from wbscale.hardware import resolve_device
 from wbscale.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from wbscale.ranks import say
 
@@ -256,18 +257,6 @@ def _weights_sha(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"--device {device!r}: not a torch device (use cpu, cuda, cuda:1 or auto)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    return dev
-
-
 def collect(
     ckpt: str | Path,
     out_dir: str | Path,
@@ -303,7 +292,7 @@ def collect(
         raise UserError("--batch-size and --save-every must be at least 1")
     if tokens is not None and tokens < 1:
         raise UserError(f"--tokens {tokens}: must be at least 1")
-    dev = _resolve_device(device)
+    dev = torch.device(resolve_device(device))
     model, plan, stream = _setup(ckpt, data_dir, layers, tokens, top_k, split, batch_size, units)
     out = Path(out_dir)
     fingerprint = plan.fingerprint(_weights_sha(model))

@@ -16,8 +16,7 @@ Submodules are imported lazily: ``wbscale runs`` does not load torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from wbscale import lazy_exports
 
 _EXPORTS = {
     "RunRecorder": "recorder",
@@ -30,9 +29,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"wbscale.runs.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'wbscale.runs' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -13,8 +13,7 @@ Submodules (imported lazily, so ``import wbscale.track`` stays cheap):
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from wbscale import lazy_exports
 
 _EXPORTS = {
     "sparsity": "whitebox",
@@ -37,10 +36,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        module = importlib.import_module(f"wbscale.track.{_EXPORTS[name]}")
-        return getattr(module, name)
-    raise AttributeError(f"module 'wbscale.track' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -34,9 +34,9 @@ def accelerator_for(recipe: Recipe) -> str:
 
 def check_kernels(recipe: Recipe, accelerator: str) -> None:
     """Refuse, before anything is written, a kernel choice this machine cannot run."""
-    import os
+    from wbscale.kernels.modes import interpreter_requested
 
-    if recipe.model.ista_kernel == "triton" and accelerator == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if recipe.model.ista_kernel == "triton" and accelerator == "cpu" and not interpreter_requested():
         raise UserError(
             "model.ista_kernel: triton needs a CUDA GPU (or TRITON_INTERPRET=1 to run the kernels, slowly, "
             "on the CPU); use model.ista_kernel: auto or eager here"
