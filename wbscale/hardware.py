@@ -1,4 +1,4 @@
-"""GPU facts: memory and dense bf16 peak FLOP/s per model, for MFU and the memory planner.
+"""GPU facts: memory and dense bf16 peak FLOP/s per model, for MFU (:func:`mfu`) and the memory planner.
 
 One table serves both: ``recipes check --gpu NAME`` looks a GPU up by its key, the MFU of a
 running job by the name CUDA reports (``torch.cuda.get_device_name``). Peaks are NVIDIA's
@@ -57,6 +57,14 @@ def device_peak_flops(device: torch.device) -> float | None:
         return None
     gpu = gpu_for_name(torch.cuda.get_device_name(device))
     return gpu.peak_bf16 if gpu is not None else None
+
+
+def mfu(flops_per_token: float, tokens_per_second: float, peak: float | None, devices: int = 1) -> float | None:
+    """Model FLOPs utilisation: the model's FLOPs per token x tokens/s over the peak FLOP/s of
+    ``devices`` devices (:func:`device_peak_flops` of one); None where the peak is unknown."""
+    if not peak:
+        return None
+    return flops_per_token * tokens_per_second / (peak * devices)
 
 
 def resolve_device(name: str) -> str:

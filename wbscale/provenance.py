@@ -57,6 +57,15 @@ def package_versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str | No
     return versions
 
 
+def cuda_version() -> str | None:
+    """The CUDA version torch was built with; None for a CPU build (or without torch)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.version.cuda
+
+
 def code_version() -> dict[str, Any]:
     """Git commit, dirty flag and package versions: what a job record stores."""
     commit = git_commit()
@@ -113,12 +122,7 @@ def hardware() -> dict[str, Any]:
 def run_environment() -> dict[str, Any]:
     """Commit, versions, hardware, command line and launcher variables of this process."""
     env: dict[str, Any] = {**code_version(), "hardware": hardware(), "argv": list(sys.argv)}
-    try:
-        import torch
-
-        env["versions"]["cuda"] = torch.version.cuda
-    except ImportError:
-        pass
+    env["versions"]["cuda"] = cuda_version()
     env["date"] = _dt.date.today().isoformat()
     for var in ("SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_NNODES", "WORLD_SIZE"):
         if os.environ.get(var):

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from wbscale.bench import kernels as kbench
-from wbscale.provenance import package_versions
+from wbscale.hardware import device_peak_flops, mfu
+from wbscale.provenance import cpu_model, git_commit, package_versions
 
 VARIANTS = ("overcomplete", "square")
 ETA = LAM = 0.1
@@ -38,8 +39,6 @@ _PACKAGES = (
 
 def peak_flops(device: torch.device) -> tuple[float | None, str]:
     """(dense bf16 peak FLOP/s of ``device`` or None, which table said so)."""
-    from wbscale.hardware import device_peak_flops
-
     if device.type != "cuda":
         return None, "none (not a GPU)"
     peak = device_peak_flops(device)
@@ -88,11 +87,11 @@ def environment() -> dict[str, Any]:
     """Versions, commit, host and (if any) GPU facts. Safe on a machine without a GPU."""
     data: dict[str, Any] = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": kbench._git_commit(),
+        "git_commit": git_commit(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
-        **{k: v for k, v in kbench._versions().items() if k != "python"},
+        **{k: v for k, v in kbench.kernel_versions().items() if k != "python"},
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "packages": package_versions(_PACKAGES),
         "triton_cache_dir": os.environ.get("TRITON_CACHE_DIR", "~/.triton/cache"),
@@ -111,7 +110,7 @@ def environment() -> dict[str, Any]:
     except Exception as err:  # noqa: BLE001 - report it, the rest of env still counts
         data["kernels"] = {"import_error": f"{type(err).__name__}: {err}"}
     if not torch.cuda.is_available():
-        data["device_name"] = f"cpu ({platform.processor() or platform.machine()})"
+        data["device_name"] = f"cpu ({cpu_model()})"
         data["note"] = "No GPU present: only this stage can run here."
         return data
     device = torch.device("cuda", 0)
@@ -548,7 +547,7 @@ def train_bench(
         "tokens_per_s": tokens_per_s,
         "flops_per_token": fpt,
         "model_tflops": fpt * tokens_per_s / 1e12,
-        "mfu": None if peak is None else fpt * tokens_per_s / peak,
+        "mfu": mfu(fpt, tokens_per_s, peak),
         "peak_memory_gib": (
             round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev.type == "cuda" else None
         ),

@@ -24,7 +24,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -33,6 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from wbscale.config import ModelConfig
+from wbscale.provenance import cuda_version, git_commit, package_versions
 
 __all__ = ["bench_kernels", "correctness_sweep", "failed_correctness", "gemm_units"]
 
@@ -52,8 +54,12 @@ def gemm_units(variant: str) -> dict[str, int]:
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}
 
 
-def dictionary_size(variant: str, d: int) -> int:
-    return 4 * d if variant == "overcomplete" else d
+def dictionary_size(variant: str, d: int, expansion: int = ModelConfig.ista_expansion) -> int:
+    """Atoms m of the benchmarked dictionary: the model's rule (``model.ista_expansion x d``
+    overcomplete, ``d`` square; :func:`wbscale.models.crate.ista_atoms`)."""
+    from wbscale.models.crate import ista_atoms
+
+    return ista_atoms(ModelConfig(n_embd=d, ista_variant=variant, ista_expansion=expansion))
 
 
 # --------------------------------------------------------------------------------------
@@ -325,30 +331,9 @@ def _memory(forward: Callable, gy: torch.Tensor | None, cuda: bool) -> dict[str,
 # --------------------------------------------------------------------------------------
 
 
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10,
-            cwd=Path(__file__).resolve().parent,
-        )  # fmt: skip
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _versions() -> dict[str, str | None]:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-    }
+def kernel_versions() -> dict[str, str | None]:
+    """What a kernel benchmark depends on: torch, triton, Python (:mod:`wbscale.provenance`) and CUDA."""
+    return {**package_versions(("torch", "triton")), "cuda": cuda_version()}
 
 
 def _slug(text: str) -> str:
@@ -455,8 +440,8 @@ def bench_kernels(
         "save_activations": save_activations,
         "eta": ETA,
         "lam": LAM,
-        "versions": _versions(),
-        "git_commit": _git_commit(),
+        "versions": kernel_versions(),
+        "git_commit": git_commit(),
         "date": now.isoformat(timespec="seconds"),
     }
     if not torch.cuda.is_available():

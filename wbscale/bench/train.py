@@ -30,7 +30,7 @@ import lightning as L
 import torch
 
 from wbscale.config import Recipe
-from wbscale.hardware import device_peak_flops
+from wbscale.hardware import device_peak_flops, mfu
 from wbscale.io import atomic_write_json, atomic_write_text
 from wbscale.provenance import device_name, git_commit, package_versions
 from wbscale.sizing import tokens_per_step as tokens_per_step_of
@@ -133,7 +133,7 @@ def bench_train(recipe: Recipe, steps: int, warmup: int = 2, out_dir: Path = RES
         "step_time_s": {"mean": mean, "median": statistics.median(timed), "min": min(timed)},
         "tokens_per_second": tokens_per_second,
         "flops_per_token": flops,
-        "mfu": flops * tokens_per_second / (peak * world) if peak else None,
+        "mfu": mfu(flops, tokens_per_second, peak, world),
         "peak_memory_bytes": timer.peaks,
         "versions": package_versions(("torch", "lightning", "deepspeed", "triton")),
         "git_commit": git_commit(),

@@ -19,7 +19,7 @@ import lightning as L
 import torch
 
 from wbscale.dist import deepspeed_global_grad_norm, strategy_info
-from wbscale.hardware import device_peak_flops
+from wbscale.hardware import device_peak_flops, mfu
 from wbscale.sizing import tokens_per_step
 
 
@@ -82,7 +82,7 @@ class StepMetrics(L.Callback):
             peak = device_peak_flops(pl_module.device)
             if peak is not None:
                 flops = pl_module.model.flops_per_token(recipe.model.block_size)
-                metrics["train/mfu"] = flops * tokens_per_second / (peak * trainer.world_size)
+                metrics["train/mfu"] = mfu(flops, tokens_per_second, peak, trainer.world_size)
                 metrics["train/memory_gb"] = torch.cuda.max_memory_allocated(pl_module.device) / 1e9
         log_step_metrics(trainer, metrics)
         self._window = (step, now)
