@@ -110,4 +110,3 @@ def bench_generate(
         f"{repeats}; tokens past block_size recompute the cropped window in both paths",
         "models": results,
     }
-

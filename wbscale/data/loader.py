@@ -335,4 +335,3 @@ def _unigram_entropy(data_dir: str, split: str, stamp: int) -> float:
         return 0.0
     p = counts[counts > 0] / total
     return float(-(p * np.log(p)).sum())
-

@@ -179,4 +179,3 @@ def load_manifest(data_dir: str | Path, verify: bool = True) -> dict[str, Any]:
                 "delete it and re-run `wbscale data prepare --config <recipe>`"
             )
     return manifest
-

@@ -682,5 +682,3 @@ def _sigterm_exits(out: Path) -> Iterator[None]:
         raise
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-

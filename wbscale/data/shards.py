@@ -337,4 +337,3 @@ class SourceChanged(Exception):
     def __init__(self, shard: str) -> None:
         super().__init__(shard)
         self.shard = shard
-

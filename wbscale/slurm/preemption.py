@@ -66,11 +66,6 @@ def in_slurm_job() -> bool:
     return bool(os.environ.get("SLURM_JOB_ID")) and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive")
 
 
-def preemption_enabled(preemption: str) -> bool:
-    """``slurm.preemption``: ``on``, ``off``, or ``auto`` (= inside a SLURM job)."""
-    return preemption == "on" or (preemption == "auto" and in_slurm_job())
-
-
 def cluster_plugins() -> list[Any]:
     """Trainer plugins: under srun, SLURM's environment without Lightning's auto-requeue."""
     from lightning.pytorch.plugins.environments import SLURMEnvironment

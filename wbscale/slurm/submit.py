@@ -315,4 +315,3 @@ class _Undo:
             for d in group:
                 if d.is_dir() and not any(d.iterdir()):
                     d.rmdir()
-

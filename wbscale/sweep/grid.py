@@ -372,4 +372,3 @@ def run_sweep(
     finally:
         bar.close()
     return result
-

@@ -232,24 +232,3 @@ class Plots(Callback):
             if isinstance(logger, WandbLogger):
                 for path in self.paths:
                     logger.log_image(key=f"plots/{path.stem}", images=[str(path)], step=trainer.global_step)
-
-
-def measure_whitebox_overhead(
-    model: nn.Module, batch: Tensor, step_seconds: float, every: int = 100, repeats: int = 3
-) -> dict[str, float]:
-    """Time :func:`whitebox_metrics` on ``batch`` and relate it to the training step time.
-
-    Returns ``{"metrics_seconds": best of repeats, "overhead": metrics_seconds /
-    (every * step_seconds)}``: the share of training time the metrics hook costs
-    at ``metrics_every = every`` (kept below 0.05 at 100 by design).
-    """
-    best = float("inf")
-    for _ in range(max(1, repeats)):
-        if batch.is_cuda:
-            torch.cuda.synchronize(batch.device)
-        t0 = time.perf_counter()
-        whitebox_metrics(model, batch)
-        if batch.is_cuda:
-            torch.cuda.synchronize(batch.device)
-        best = min(best, time.perf_counter() - t0)
-    return {"metrics_seconds": best, "overhead": best / (max(1, every) * step_seconds)}
