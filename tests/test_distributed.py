@@ -1,4 +1,5 @@
-"""Distributed training on CPU: DDP and DeepSpeed ZeRO-1/2/3 with 2 processes (gloo).
+"""Distributed training on CPU: DDP and DeepSpeed ZeRO-1/2/3 with 2 processes (gloo), and a
+hung (SIGSTOP'd) rank.
 
 Multi-process runs go through the real command line (``python -m wbscale.cli fit …
 --set distributed.devices=2``): Lightning's launcher re-executes the command line in the
@@ -13,6 +14,7 @@ same world size and strategy is exact (bitwise), like the single-process resume.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -397,3 +399,133 @@ def test_bench_train_writes_a_report(runs, tmp_path, capsys):
     report = json.loads(report_path.read_text())
     assert report["tokens_per_second"] > 0 and report["world_size"] == 1
     assert report["peak_memory_bytes"][0] > 0 and report["mfu"] is None  # CPU: no MFU
+
+
+# ---------------------------------------------------------------------------- a hung rank
+
+
+@pytest.mark.parametrize("message", [
+    "Application timeout caused pair closure",  # gloo, the peer of a SIGSTOP'd rank
+    "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 10000ms for recv operation to complete",
+    "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:29500",
+    "[../third_party/gloo/gloo/transport/tcp/pair.cc:598] Read error [127.0.0.1]:29500: Connection reset by peer",
+    "[Rank 1] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=5, OpType=ALLREDUCE, NumelIn=1, "
+    "NumelOut=1, Timeout(ms)=600000) ran for 600012 milliseconds before timing out.",
+    "NCCL communicator was aborted on rank 1.",
+    "NCCL error in: ProcessGroupNCCL.cpp:1970, remote process exited or there was a network error, NCCL version 2.21.5",
+    "ncclRemoteError: A call failed possibly due to a network error or a remote process exiting prematurely.",
+    "Socket Timeout",
+])
+def test_collective_failures_are_recognised(message):
+    from wbscale.train.fit import _is_collective_failure
+
+    assert _is_collective_failure(RuntimeError(message))
+    try:  # wrapped by whatever re-raised it
+        try:
+            raise RuntimeError(message)
+        except RuntimeError as inner:
+            raise ValueError("while logging") from inner
+    except ValueError as outer:
+        assert _is_collective_failure(outer)
+    assert _is_collective_failure(torch.distributed.DistBackendError("anything"))
+
+
+@pytest.mark.parametrize("err", [
+    RuntimeError("DataLoader timed out after 5 seconds"),
+    RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x32 and 64x32)"),
+    UserError("no space left on the disk writing checkpoint x"),
+    ValueError("Timed out waiting 10000ms for recv operation to complete"),  # not a RuntimeError
+])
+def test_other_errors_are_not_collective_failures(err):
+    from wbscale.train.fit import _is_collective_failure
+
+    assert not _is_collective_failure(err)
+
+
+def _proc_state(pid: int) -> tuple[str, int] | None:
+    """(state letter, exit status as waitpid reports it: set for a zombie) or None if gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return fields[0], int(fields[49]) if len(fields) > 49 else -1
+
+
+def _gone(pid: int) -> bool:
+    state = _proc_state(pid)
+    return state is None or state[0] in "ZX"
+
+
+def _wait_until(condition, timeout: float, what: str) -> float:
+    import time
+
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < timeout, f"{what} after {timeout} s"
+        time.sleep(0.1)
+    return time.monotonic() - start
+
+
+TIMEOUT_S = 10  # the smallest distributed.timeout_s allowed
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+@pytest.mark.parametrize("stopped", [0, 1])
+def test_a_stopped_rank_makes_the_other_exit_with_one_line(runs, stopped):
+    """SIGSTOP one rank of a 2-process DDP run: within distributed.timeout_s the other rank
+    exits non-zero with one line (no traceback) naming the timeout; no process is left."""
+    import signal
+
+    run = f"stopped-rank-{stopped}"
+    cmd = [sys.executable, "-m", "wbscale.cli", "fit", "--recipe", "demo", "--no-progress"]
+    values = {"distributed.strategy": "ddp", **TWO, "distributed.timeout_s": TIMEOUT_S, "train.max_steps": 100000,
+              "train.ckpt_every": 100000, "train.val_every": 100000, "train.sample_max_new_tokens": 0, "train.log_every": 1}
+    for item in tiny(runs.tmp, run, **values):
+        cmd += ["--set", item]
+    env = {**os.environ, "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+           "OMP_NUM_THREADS": "1"}
+    log_path = runs.tmp / f"{run}.log"
+    metrics = runs.tmp / "runs" / run / "metrics.jsonl"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    ranks = {0: proc.pid}
+    try:
+        def training() -> bool:
+            assert proc.poll() is None, f"fit ended before training:\n{log_path.read_text()[-3000:]}"
+            return metrics.is_file() and metrics.read_text().count("train/loss") >= 3
+
+        _wait_until(training, 240, "no training step")
+        for child in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split():
+            with open(f"/proc/{child}/environ", "rb") as f:
+                if b"\0LOCAL_RANK=1\0" in b"\0" + f.read():
+                    ranks[1] = int(child)
+        assert 1 in ranks, "rank 1 (launched by rank 0) not found"
+        survivor = 1 - stopped
+        os.kill(ranks[stopped], signal.SIGSTOP)
+        took = _wait_until(lambda: _gone(ranks[survivor]), TIMEOUT_S + 60, f"rank {survivor} still running")
+        assert took < TIMEOUT_S + 30, f"rank {survivor} took {took:.0f} s to give up on the stopped rank"
+        if survivor == 0:
+            code = proc.wait(30)
+        else:  # a zombie until its (stopped) parent reaps it: the exit status is in /proc
+            state = _proc_state(ranks[1])
+            code = state[1] >> 8 if state is not None and state[0] == "Z" else None
+        assert code not in (0, None), f"rank {survivor} exit status {code}"
+    finally:
+        for pid in ranks.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        try:
+            proc.wait(60)  # rank 0 stopped: it continues, finds rank 1 gone and is ended by its launcher
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise AssertionError(f"rank 0 did not end after SIGCONT:\n{log_path.read_text()[-3000:]}") from None
+    assert proc.returncode != 0
+    for rank, pid in ranks.items():
+        _wait_until(lambda pid=pid: _gone(pid), 15, f"rank {rank} (pid {pid}) left running")
+    out = log_path.read_text()
+    lines = [line for line in out.splitlines() if "a collective failed" in line]
+    assert len(lines) == 1 and "Traceback" not in out, out[-4000:]
+    assert lines[0].startswith(f"[wbscale] rank {survivor}: a collective failed at step"), lines[0]
+    assert f"no answer within distributed.timeout_s={TIMEOUT_S} s" in lines[0] and "resume with --resume auto" in lines[0]

@@ -355,13 +355,40 @@ def _fit_locked(
     return FitResult(run_dir, trainer.global_step, ckpt.step if ckpt else None)
 
 
+# What gloo, NCCL and the rendezvous store say when a peer rank hung (SIGSTOP, a deadlock,
+# a stalled node) or died: gloo "Timed out waiting 10000ms for recv operation to complete",
+# "Application timeout caused pair closure", "Connection closed by peer [10.0.0.2]:1234",
+# "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error …"; NCCL "Watchdog caught
+# collective operation timeout: WorkNCCL(SeqNum=5, OpType=ALLREDUCE, …) ran for 600012
+# milliseconds before timing out", "NCCL communicator was aborted on rank 1", "ncclRemoteError:
+# … remote process exited or there was a network error"; the store "Socket Timeout".
+_COLLECTIVE_FAILURE = re.compile(
+    r"timed out waiting \d+ ?ms|timeout caused pair closure|connection (closed|reset|refused) by peer|"
+    r"connection refused|broken pipe|gloo/transport|\bgloo\b.*(timeout|timed out|closed|read error|write error)|"
+    r"watchdog caught collective operation timeout|before timing out|communicator was aborted|"
+    r"nccl(remote|system|internal)error|nccl error|remote process exited|some nccl operations have failed|"
+    r"socket timeout|dist(backend|network|store)error",
+    re.IGNORECASE,
+)
+
+
 def _is_collective_failure(err: BaseException) -> bool:
-    """A collective that timed out (a hung rank) or lost its peer (a dead rank)."""
-    text = str(err)
-    return isinstance(err, RuntimeError) and any(
-        s in text for s in ("Timed out waiting", "Connection closed by peer", "Connection reset by peer",
-                            "NCCL communicator was aborted", "Watchdog caught collective operation timeout")
-    )
+    """A collective (or the rendezvous store) that timed out (a hung rank) or lost its peer
+    (a dead rank); looks through the exception's causes too."""
+    try:
+        from torch.distributed import DistError
+    except ImportError:  # pragma: no cover - a torch without distributed
+        DistError = ()  # noqa: N806
+    if isinstance(err, UserError):
+        return False  # already one clear line (e.g. a full disk found while a peer also failed)
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, DistError) or (
+            isinstance(err, RuntimeError) and _COLLECTIVE_FAILURE.search(str(err))
+        ):
+            return True
+        err, seen = err.__cause__ or (None if err.__suppress_context__ else err.__context__), seen + 1
+    return False
 
 
 def _leave_after_rank_failure(trainer: L.Trainer, recipe: Recipe, err: BaseException) -> None:
