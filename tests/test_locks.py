@@ -191,3 +191,77 @@ def test_custom_hint(tmp_path):
     with locks.acquire(path, "first"):
         with pytest.raises(locks.LockHeld, match=r"\. Use another run name\.$"):
             locks.acquire(path, "second", hint="Use another run name.")
+
+
+# ---------------------------------------------------------------------------- the run lock of `wbscale fit`
+
+
+def _run_lock_file() -> str:
+    """The run lock's file name (moving from wbscale.train.fit to wbscale.locks)."""
+    from wbscale.train import fit
+
+    return getattr(locks, "RUN_LOCK_FILE", None) or fit.RUN_LOCK_FILE
+
+
+def _slurm(monkeypatch, job: str | None, restart: int | None = None, array: tuple[str, str] | None = None) -> None:
+    for key in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
+    if job is not None:
+        monkeypatch.setenv("SLURM_JOB_ID", job)
+    if restart is not None:
+        monkeypatch.setenv("SLURM_RESTART_COUNT", str(restart))
+    if array is not None:
+        monkeypatch.setenv("SLURM_ARRAY_JOB_ID", array[0])
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", array[1])
+
+
+def _live_remote_holder(path: Path, purpose: str) -> None:
+    """A lock held by a process on another node with a fresh heartbeat: not stale."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    write_lock(path, pid=4242, host="node-before-requeue", started=iso(now - 60), heartbeat=iso(now), purpose=purpose)
+
+
+@pytest.mark.parametrize("array", [None, ("777", "3")], ids=["job", "array-task"])
+def test_a_requeued_slurm_job_takes_over_its_previous_incarnations_run_lock(tmp_path, monkeypatch, capfd, array):
+    from wbscale.train.fit import lock_run
+
+    job = "777_3" if array else "1234"
+    run = tmp_path / "run"
+    path = run / _run_lock_file()
+    _live_remote_holder(path, f"wbscale fit, SLURM job {job} restart 1")
+    _slurm(monkeypatch, "1234" if not array else "778", restart=2, array=array)
+    with lock_run(run) as lock:
+        assert lock.held
+        data = json.loads(path.read_text())
+        assert data["pid"] == os.getpid() and data["host"] == socket.gethostname()
+        assert data["purpose"] == f"wbscale fit, SLURM job {job} restart 2"
+    assert not path.exists()
+    err = capfd.readouterr().err
+    assert f"taking over the run lock of job {job}'s previous incarnation (restart 1; this is restart 2" in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "holder, job, restart",
+    [
+        ("wbscale fit, SLURM job 1234 restart 2", "1234", 2),  # the same incarnation twice (a second srun)
+        ("wbscale fit, SLURM job 1234 restart 3", "1234", 2),  # a newer incarnation holds it
+        ("wbscale fit, SLURM job 999 restart 0", "1234", 2),  # another job trains this run
+        ("wbscale fit", "1234", 2),  # a fit outside SLURM holds it
+        ("wbscale fit, SLURM job 1234 restart 0", None, None),  # this fit runs outside SLURM
+    ],
+    ids=["same-incarnation", "newer-holder", "other-job", "holder-not-slurm", "not-in-slurm"],
+)
+def test_the_run_lock_of_anyone_but_an_earlier_incarnation_is_refused(tmp_path, monkeypatch, holder, job, restart):
+    from wbscale.train.fit import lock_run
+
+    run = tmp_path / "run"
+    path = run / _run_lock_file()
+    _live_remote_holder(path, holder)
+    before = path.read_text()
+    _slurm(monkeypatch, job, restart)
+    with pytest.raises(UserError, match="run 'run' is being trained by another process: .*pid 4242 on node-before-requeue") as info:
+        lock_run(run)
+    assert info.value.exit_code == 2 and "\n" not in str(info.value)
+    assert path.read_text() == before  # untouched
