@@ -26,12 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wbscale.config import Recipe, resolve_recipe_path
-from wbscale.data.tokenizer import CHAR, expected_vocab_size
-from wbscale.sizing import padded_vocab, tokens_per_step
+from wbscale.data.tokenizer import expected_vocab_size
+from wbscale.sizing import model_vocab, tokens_per_step
 
-# data.tokenizer: char before the text is read: a vocabulary of at most 128 (plain text has
-# fewer than 126 distinct characters); the prepared folder's tokenizer replaces the guess.
-CHAR_VOCAB_UNPREPARED = 128
 _TARGET_LINE = re.compile(r"^#\s*target\s*:\s*(.*)$", re.IGNORECASE)
 _NUMBER = re.compile(r"(?<![\w.])(\d+\.\d+|\d+)(?![\w.])")
 
@@ -57,12 +54,8 @@ def recipe_facts(recipe: Recipe) -> RunFacts:
     import torch
 
     from wbscale.models import build_model
-    from wbscale.train.memory import _resolved_vocab  # the vocabulary rule `recipes check` uses
 
-    vocab, _ = _resolved_vocab(recipe)
-    if not recipe.model.vocab_size and recipe.data.tokenizer == CHAR:
-        # the character set is known once the text is read: the prepared folder's, else a guess
-        vocab = padded_vocab(expected_vocab_size(recipe.data) or CHAR_VOCAB_UNPREPARED)
+    vocab, _ = model_vocab(recipe, expected_vocab_size(recipe.data))  # the rule `recipes check` uses
     cfg = dataclasses.replace(recipe.model, vocab_size=vocab, pretrained=None, ista_kernel="eager")
     with torch.device("meta"):
         model = build_model(cfg)

@@ -46,7 +46,7 @@ import torch
 from wbscale.config import Recipe
 from wbscale.errors import UserError, did_you_mean
 from wbscale.hardware import GB, GPUS
-from wbscale.sizing import padded_vocab
+from wbscale.sizing import model_vocab
 from wbscale.sizing import tokens_per_step as tokens_per_step_of
 
 RESERVE_FRACTION = 0.10
@@ -80,25 +80,6 @@ class Estimate:
     @property
     def total(self) -> float:
         return self.weights + self.gradients + self.optimizer + self.activations
-
-
-def _resolved_vocab(recipe: Recipe) -> tuple[int, str | None]:
-    m, d = recipe.model, recipe.data
-    if m.vocab_size:
-        return m.vocab_size, None
-    if d.tokenizer == "bpe":
-        return padded_vocab(d.vocab_size), None
-    if d.tokenizer == "char":
-        from wbscale.data.tokenizer import expected_vocab_size
-
-        return padded_vocab(expected_vocab_size(d) or 128), None
-    try:
-        from tokenizers import Tokenizer
-
-        n = Tokenizer.from_file(d.tokenizer).get_vocab_size()
-        return padded_vocab(n), None
-    except Exception:
-        return padded_vocab(50257), f"vocabulary taken as 50304 (GPT-2's, padded): {d.tokenizer} not readable here"
 
 
 class _FlashSDPA(torch.autograd.Function):
@@ -156,7 +137,9 @@ def model_facts(recipe: Recipe, dtype: torch.dtype = torch.bfloat16) -> tuple[Mo
     from wbscale.models import build_model
 
     notes: list[str] = []
-    vocab, note = _resolved_vocab(recipe)
+    from wbscale.data.tokenizer import expected_vocab_size
+
+    vocab, note = model_vocab(recipe, expected_vocab_size(recipe.data))
     if note:
         notes.append(note)
     cfg = dataclasses.replace(recipe.model, vocab_size=vocab, pretrained=None, ista_kernel="eager")
