@@ -396,9 +396,9 @@ def test_tokenizer_round_trip_and_errors(tmp_path):
 
 
 def test_load_manifest_needs_a_prepared_folder(tmp_path):
-    with pytest.raises(UserError, match="does not exist.*wbscale data prepare --config"):
+    with pytest.raises(UserError, match="does not exist.*wbscale data prepare <recipe>"):
         load_manifest(tmp_path / "nothing")
-    with pytest.raises(UserError, match="no manifest.json.*wbscale data prepare --config"):
+    with pytest.raises(UserError, match="no manifest.json.*wbscale data prepare <recipe>"):
         load_manifest(tmp_path)
 
 

@@ -46,7 +46,7 @@ __all__ = [
 
 MANIFEST_FILE = "manifest.json"
 STATE_FILE = ".prepare-state.json"  # progress of an unfinished run; removed at the end
-_PREPARE_HINT = "run `wbscale data prepare --config <recipe>` first"
+_PREPARE_HINT = "run `wbscale data prepare <recipe>` first"
 
 
 # ---------------------------------------------------------------------------- writing
@@ -141,7 +141,7 @@ def load_manifest(data_dir: str | Path, verify: bool = True) -> dict[str, Any]:
         if (data_dir / STATE_FILE).is_file():
             raise UserError(
                 f"data in '{data_dir}' is not finished (prepare was interrupted): re-run "
-                "`wbscale data prepare --config <recipe>`; it resumes where it stopped"
+                "`wbscale data prepare <recipe>`; it resumes where it stopped"
             )
         raise UserError(f"no {MANIFEST_FILE} in '{data_dir}': {_PREPARE_HINT}")
     try:
@@ -149,7 +149,7 @@ def load_manifest(data_dir: str | Path, verify: bool = True) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(
             f"{path} is not valid JSON ({err}); delete it and re-run "
-            "`wbscale data prepare --config <recipe>`"
+            "`wbscale data prepare <recipe>`"
         ) from None
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise UserError(
@@ -169,13 +169,13 @@ def load_manifest(data_dir: str | Path, verify: bool = True) -> dict[str, Any]:
             if problem:
                 raise UserError(
                     f"corrupt shard {data_dir / record['file']} ({problem}): delete it and "
-                    "re-run `wbscale data prepare --config <recipe>`, which rebuilds it"
+                    "re-run `wbscale data prepare <recipe>`, which rebuilds it"
                 )
     if verify:
         tok = data_dir / TOKENIZER_FILE
         if not tok.is_file() or sha256_file(tok) != manifest["tokenizer_sha256"]:
             raise UserError(
                 f"{tok} is missing or differs from the one the shards were made with: "
-                "delete it and re-run `wbscale data prepare --config <recipe>`"
+                "delete it and re-run `wbscale data prepare <recipe>`"
             )
     return manifest

@@ -84,7 +84,7 @@ def load_tokenizer(data_dir: str | Path) -> Tokenizer:
     if not path.is_file():
         raise UserError(
             f"no {TOKENIZER_FILE} in data folder '{data_dir}': run "
-            "`wbscale data prepare --config <recipe>` first."
+            "`wbscale data prepare <recipe>` first."
         )
     return load_tokenizer_file(path)
 
