@@ -50,6 +50,8 @@ def tiny(tmp: Path, run: str, **extra: object) -> list[str]:
 
 TWO = {"distributed.devices": 2, "train.grad_accum": 1}  # same global batch as 1 x accum 2
 LAST_ONLY = {"train.ckpt_every": STEPS}
+# exact resume must hold with dropout on: each rank's RNG (its own stream) saved and restored
+DROPOUT = {"model.dropout": 0.1}
 
 
 def zero(stage: int, **extra: object) -> dict[str, object]:
@@ -121,11 +123,14 @@ class Runs:
     def _zero3(self) -> Path:  # uninterrupted ZeRO-3 on 2 processes: checkpoints at 2, 4, 6, 8
         return fit_cli(self.tmp, "zero3", **zero(3, **TWO))
 
+    def _zero3_dropout(self) -> Path:  # uninterrupted ZeRO-3 on 2 processes with dropout on
+        return fit_cli(self.tmp, "zero3-dropout", **zero(3, **TWO), **DROPOUT)
+
     def _zero3_resumed(self) -> Path:  # the same run stopped at step 4 (exit_interval), resumed
-        fit_cli(self.tmp, "zero3-parts", **zero(3, **TWO), **{"train.exit_interval": 4})
+        fit_cli(self.tmp, "zero3-parts", **zero(3, **TWO), **DROPOUT, **{"train.exit_interval": 4})
         first = losses(self.tmp / "runs" / "zero3-parts")
         assert max(first) == 4, f"exit_interval=4 should stop at step 4, metrics reach {max(first)}"
-        return fit_cli(self.tmp, "zero3-parts", **zero(3, **TWO), **{"train.exit_interval": 4})
+        return fit_cli(self.tmp, "zero3-parts", **zero(3, **TWO), **DROPOUT, **{"train.exit_interval": 4})
 
     def _to_one(self) -> Path:  # ZeRO-3 x 2 processes at step 2 -> ZeRO-2 x 1 process
         self.get("zero3")
@@ -290,7 +295,9 @@ def test_zero3_partitions_parameter_and_optimizer_state(runs):
 
 @pytest.mark.slow
 def test_interrupted_zero3_run_resumes_exactly(runs):
-    full, parts = runs.get("zero3"), runs.get("zero3_resumed")
+    """2 processes, ZeRO-3, dropout on: stopped at step 4 and resumed = uninterrupted, bitwise."""
+    full, parts = runs.get("zero3_dropout"), runs.get("zero3_resumed")
+    assert read_checkpoint(parts).meta["recipe"]["model"]["dropout"] == DROPOUT["model.dropout"]
     a, b = losses(full), losses(parts)
     for step in range(1, STEPS + 1):
         assert a[step]["train/loss"] == b[step]["train/loss"], (
