@@ -20,7 +20,7 @@ from pathlib import Path
 from wbscale.config import Recipe
 from wbscale.errors import UserError
 from wbscale.slurm.record import SLURM_DIR
-from wbscale.slurm.site import JobOptions, SiteConfig, check_time
+from wbscale.slurm.site import JobOptions, SbatchOptions, SiteConfig, check_time
 
 # slurm/ in a checkout, wbscale/sbatch/ in an installed wheel
 TEMPLATES_DIR = Path(str(importlib.resources.files("wbscale.sbatch")))
@@ -31,7 +31,7 @@ ARRAY_SPEC = re.compile(r"^[0-9,\-:%]+$")
 
 
 @dataclass
-class JobSpec:
+class JobSpec(SbatchOptions):
     """Everything that goes into one job script."""
 
     run_name: str
@@ -46,11 +46,6 @@ class JobSpec:
     requeue: bool
     python: str
     seed: int
-    partition: str | None = None
-    account: str | None = None
-    time: str | None = None
-    qos: str | None = None
-    constraint: str | None = None
     array: str | None = None
     cpus_per_task: int | None = None
     modules: list[str] = field(default_factory=list)

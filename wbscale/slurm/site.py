@@ -33,15 +33,23 @@ from wbscale.errors import UserError, did_you_mean
 TIME_FORMAT = re.compile(r"^(\d+-)?\d{1,3}(:\d{2}){0,2}$")  # SLURM's [D-]HH:MM:SS and shorter forms
 
 
-@dataclass
-class SiteConfig:
-    """Cluster defaults for ``wbscale slurm submit``."""
+@dataclass(kw_only=True)
+class SbatchOptions:
+    """The sbatch options a site file, the command line and a job script all name (``None``:
+    not given there). One list: :class:`SiteConfig`, :class:`JobOptions` and
+    :class:`wbscale.slurm.render.JobSpec` extend it."""
 
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
     time: str | None = None
     constraint: str | None = None
+
+
+@dataclass
+class SiteConfig(SbatchOptions):
+    """Cluster defaults for ``wbscale slurm submit``."""
+
     cpus_per_task: int | None = None
     modules: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
@@ -52,7 +60,7 @@ class SiteConfig:
 
 
 @dataclass
-class JobOptions:
+class JobOptions(SbatchOptions):
     """What the command line chose for a job; ``None`` keeps the site file's or recipe's value.
 
     One list of SLURM options for ``slurm submit``, ``sweep --slurm`` and the job renderer.
@@ -60,11 +68,6 @@ class JobOptions:
 
     nodes: int | None = None
     gpus_per_node: int | None = None
-    partition: str | None = None
-    account: str | None = None
-    time: str | None = None
-    qos: str | None = None
-    constraint: str | None = None
     array: str | None = None
     site_path: str | None = None
 

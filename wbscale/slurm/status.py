@@ -44,6 +44,18 @@ class JobState:
     def active(self) -> bool:
         return self.state.split()[0] in ACTIVE_STATES
 
+    @classmethod
+    def from_record(cls, job_id: str, rec: dict[str, str]) -> JobState:
+        """The state in one ``scontrol -o show job`` record (:func:`_parse_scontrol`)."""
+        return cls(
+            job_id=job_id,
+            state=rec.get("JobState", "UNKNOWN"),
+            requeues=int(rec["Restarts"]) if rec.get("Restarts", "").isdigit() else None,
+            nodes=rec.get("NodeList") if rec.get("NodeList") not in (None, "(null)") else None,
+            exit_code=rec.get("ExitCode"),
+            reason=rec.get("Reason") if rec.get("Reason") not in (None, "None") else None,
+        )
+
 
 def _run(args: list[str]) -> subprocess.CompletedProcess | None:
     if shutil.which(args[0]) is None:
@@ -75,16 +87,7 @@ def query_jobs(job_ids: list[str]) -> dict[str, list[JobState]]:
             for rec in _parse_scontrol(proc.stdout):
                 task = rec.get("ArrayTaskId")
                 shown = f"{rec['ArrayJobId']}_{task}" if task and rec.get("ArrayJobId") else rec.get("JobId", job_id)
-                states.append(
-                    JobState(
-                        job_id=shown,
-                        state=rec.get("JobState", "UNKNOWN"),
-                        requeues=int(rec["Restarts"]) if rec.get("Restarts", "").isdigit() else None,
-                        nodes=rec.get("NodeList") if rec.get("NodeList") not in (None, "(null)") else None,
-                        exit_code=rec.get("ExitCode"),
-                        reason=rec.get("Reason") if rec.get("Reason") not in (None, "None") else None,
-                    )
-                )
+                states.append(JobState.from_record(shown, rec))
         if not states:
             states = _sacct(job_id)
         found[job_id] = states or [JobState(job_id=job_id, state="UNKNOWN", source="none")]
@@ -137,14 +140,7 @@ def job_snapshot(job_ids: Iterable[str]) -> dict[str, JobState]:
             if array and task and len(names) == 1:
                 names.append(rec["JobId"])  # a task that runs has a job id of its own too
             for name in names:
-                found[name] = JobState(
-                    job_id=name,
-                    state=rec.get("JobState", "UNKNOWN"),
-                    requeues=int(rec["Restarts"]) if rec.get("Restarts", "").isdigit() else None,
-                    nodes=rec.get("NodeList") if rec.get("NodeList") not in (None, "(null)") else None,
-                    exit_code=rec.get("ExitCode"),
-                    reason=rec.get("Reason") if rec.get("Reason") not in (None, "None") else None,
-                )
+                found[name] = JobState.from_record(name, rec)
     missing = sorted(wanted - found.keys())
     if missing:
         proc = _run(["sacct", "-n", "-P", "-X", "-j", ",".join(missing), "-o", "JobID,State,ExitCode,NodeList"])

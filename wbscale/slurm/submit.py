@@ -41,6 +41,17 @@ class SubmitResult:
     script_path: Path | None = None
 
 
+def _refuse_busy(what: str, run_dir: Path) -> None:
+    """UserError when ``run_dir`` already has a job in SLURM's queue: two jobs must not train it."""
+    busy = active_jobs(run_dir)
+    if busy:
+        listed = ", ".join(f"{j.job_id} ({j.state})" for j in busy)
+        raise UserError(
+            f"{what} already has a job in the queue: {listed}; two jobs must not train one run folder. "
+            f"Wait for it, or stop it with: wbscale slurm cancel {run_dir}"
+        )
+
+
 def _sbatch(sbatch: str, script: str, workdir: Path, undo: Any, write_files: Any, what: str) -> str:
     """Write the job's files, sbatch the script, return the job id; on any failure undo the files."""
     try:
@@ -104,13 +115,7 @@ def submit(
         return SubmitResult(None, run_dir, script, spec)
 
     sbatch = require_tool("sbatch")
-    busy = active_jobs(run_dir)
-    if busy:
-        listed = ", ".join(f"{j.job_id} ({j.state})" for j in busy)
-        raise UserError(
-            f"run '{recipe.train.run_name}' already has a job in the queue: {listed}; two jobs must not "
-            f"train one run folder. Wait for it, or stop it with: wbscale slurm cancel {run_dir}"
-        )
+    _refuse_busy(f"run '{recipe.train.run_name}'", run_dir)
 
     undo = _Undo()
 
@@ -247,13 +252,7 @@ def submit_array(
 
     sbatch = require_tool("sbatch")
     for task in tasks:
-        busy = active_jobs(run_dirs[task])
-        if busy:
-            listed = ", ".join(f"{j.job_id} ({j.state})" for j in busy)
-            raise UserError(
-                f"point '{recipes[task].train.run_name}' already has a job in the queue: {listed}; "
-                f"wait for it, or stop it with: wbscale slurm cancel {run_dirs[task]}"
-            )
+        _refuse_busy(f"point '{recipes[task].train.run_name}'", run_dirs[task])
     undo = _Undo()
 
     def write_files() -> None:
