@@ -37,32 +37,12 @@ import lightning as L
 
 from wbscale.errors import UserError
 from wbscale.runs import store
+from wbscale.runs.store import recipe_ref_from_argv
+
+__all__ = ["RunRecorder", "classify", "recipe_ref_from_argv", "recording_failures"]
 
 PROGRESS_EVERY_S = 30.0
 EXIT_REASONS = {0: "requeued", 75: "not-requeued", 143: "terminated", 130: "interrupted", 2: "bad-input"}
-
-
-def recipe_ref_from_argv(argv: list[str] | None = None) -> str | None:
-    """The RECIPE a ``wbscale fit`` command line names (a recipe name or YAML path)."""
-    argv = list(sys.argv if argv is None else argv)
-    if "fit" not in argv:
-        return None
-    args = argv[argv.index("fit") + 1:]
-    takes_value = {"--set", "--resume"}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if arg in ("--config", "--recipe") and i + 1 < len(args):
-            return args[i + 1]
-        if arg.startswith(("--config=", "--recipe=")):
-            return arg.split("=", 1)[1]
-        if arg in takes_value:
-            i += 2
-            continue
-        if not arg.startswith("-"):
-            return arg
-        i += 1
-    return None
 
 
 def classify(exc: BaseException) -> tuple[str, int, str]:
@@ -141,6 +121,9 @@ class RunRecorder(L.Callback):
             "torchrun": bool(os.environ.get("TORCHELASTIC_RUN_ID")),
             "wandb": self._wandb(trainer),
             **_slurm(),
+            # the folder the job was submitted as, which holds its submit record (an
+            # array's parent or sweep folder: ``runs resubmit`` finds the job options there)
+            **({"slurm_run_dir": os.environ["WBSCALE_SLURM_RUN_DIR"]} if _slurm() and os.environ.get("WBSCALE_SLURM_RUN_DIR") else {}),
         }
 
     @staticmethod

@@ -1,6 +1,7 @@
-"""What a run remembers about its SLURM jobs: ``<run_dir>/slurm_jobs.jsonl``.
+"""What a run remembers about its SLURM jobs: ``<run_dir>/slurm_jobs.d/`` (and the view
+``<run_dir>/slurm_jobs.jsonl``).
 
-One JSON object per line, appended, each with an ``event``:
+One JSON file per event, each with an ``event``:
 
 - ``submit``: written by ``wbscale slurm submit`` (job id, nodes, tasks, array, script,
   git commit and package versions of the submitting checkout);
@@ -10,62 +11,142 @@ One JSON object per line, appended, each with an ``event``:
   what it did: ``requeued`` / ``stopped`` / ``not-requeued``);
 - ``cancel``: written by ``wbscale slurm cancel``.
 
-Lines are short and appended with ``O_APPEND``; a torn line (a crash mid-write) is skipped
-when read. ``wbscale slurm record start RUN_DIR`` is what a job script calls.
+These rows come from several machines at once (``slurm cancel`` on the login node while
+the job's rank 0 writes its ``preempt`` row on a compute node), and ``O_APPEND`` to one
+shared file is not atomic across NFS clients: two nodes' lines can overwrite each other.
+So, as in the run registry (:mod:`wbscale.runs.store`), every event is its own file,
+``slurm_jobs.d/<time_ns>-<event>-<host>-<pid>-<n>.json``, written to a temp name unique
+to the host and process, fsynced and renamed into place: two writers never share a file,
+and a reader sees a whole event or none.
+
+``slurm_jobs.jsonl`` is a view for people and for tools that look for the file: after each
+event its writer replaces it (by rename) with every event, one line each. Two writers at
+once may leave a view that misses the other's event until the next write; nothing reads
+the view for an event that has its own file. Its lines without an ``id`` are a record
+written before the events had their own files (appended by older versions): they are kept
+in the view and read as events. ``wbscale slurm record start RUN_DIR`` is what a job script calls.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 from wbscale.io import atomic_write_json
 from wbscale.provenance import code_version
 
-JOBS_FILE = "slurm_jobs.jsonl"
+JOBS_FILE = "slurm_jobs.jsonl"  # the view (and the whole record of runs submitted before events had files)
+EVENTS_DIR = "slurm_jobs.d"  # one file per event
 SLURM_DIR = "slurm"  # script copies, job logs and environment captures
+_SEQ = itertools.count()
+_SAFE = re.compile(r"[^A-Za-z0-9.+-]+")
 
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def append_event(run_dir: Path, event: str, **fields: Any) -> dict[str, Any]:
-    """Append one event line to the run's job record; returns the row."""
-    row = {"event": event, "time": now(), **fields}
-    path = Path(run_dir) / JOBS_FILE
+def _write_file(path: Path, data: bytes, sync: bool = True) -> None:
+    """Write ``path`` whole through a temp name unique to this host and process, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = (json.dumps(row, sort_keys=True) + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    host = _SAFE.sub("_", socket.gethostname())
+    tmp = path.with_name(f".{path.name}.tmp-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        with open(tmp, "xb") as f:
+            f.write(data)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if sync:
+        try:
+            fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass  # some filesystems cannot fsync a directory; the rename is done either way
+
+
+def append_event(run_dir: Path, event: str, **fields: Any) -> dict[str, Any]:
+    """Record one event of the run's jobs (its own file), then refresh the view; returns the row."""
+    run_dir = Path(run_dir)
+    host = socket.gethostname()
+    stem = f"{time.time_ns():020d}-{_SAFE.sub('_', event)}-{_SAFE.sub('_', host)}-{os.getpid()}-{next(_SEQ)}"
+    row = {"event": event, "time": now(), **fields, "id": stem, "host": fields.get("host", host)}
+    _write_file(run_dir / EVENTS_DIR / f"{stem}.json", (json.dumps(row, sort_keys=True) + "\n").encode("utf-8"))
+    try:
+        _write_view(run_dir)
+    except OSError:
+        pass  # the view is a convenience: the event is recorded
     return row
 
 
-def read_events(run_dir: Path) -> list[dict[str, Any]]:
-    """All events of a run, oldest first ([] when it was never submitted)."""
+def _legacy_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """The view's lines that have no event file of their own (an old appended record)."""
     path = Path(run_dir) / JOBS_FILE
-    if not path.is_file():
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
         return []
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
+            continue  # a torn line (a crash mid-append)
+        if isinstance(row, dict) and not row.get("id"):
             rows.append(row)
     return rows
+
+
+def _file_rows(run_dir: Path) -> list[dict[str, Any]]:
+    folder = Path(run_dir) / EVENTS_DIR
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".json") and not n.startswith("."))
+    except OSError:
+        return []
+    rows = []
+    for name in names:
+        try:
+            row = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError):
+            continue
+        if isinstance(row, dict):
+            row.setdefault("id", name[: -len(".json")])
+            rows.append(row)
+    return rows
+
+
+def _write_view(run_dir: Path) -> None:
+    rows = read_events(run_dir)
+    data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode("utf-8")
+    _write_file(Path(run_dir) / JOBS_FILE, data, sync=False)
+
+
+def has_record(run_dir: Path) -> bool:
+    """Whether the run has any job record (events or the old appended file)."""
+    return (Path(run_dir) / EVENTS_DIR).is_dir() or (Path(run_dir) / JOBS_FILE).is_file()
+
+
+def read_events(run_dir: Path) -> list[dict[str, Any]]:
+    """All events of a run, oldest first ([] when it was never submitted): an old appended
+    record's lines first (they predate every event file), then the event files by time."""
+    return _legacy_rows(run_dir) + _file_rows(run_dir)
 
 
 def job_id_from_env(env: dict[str, str] | None = None) -> str | None:
