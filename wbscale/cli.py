@@ -474,6 +474,10 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
 def cmd_runs_resubmit(args: argparse.Namespace) -> int:
     from wbscale.runs.heal import actions_json, format_actions, resubmit, watch
 
+    if not args.watch:
+        given = [flag for flag, value in (("--interval", args.interval), ("--rounds", args.rounds)) if value is not None]
+        if given:
+            raise UserError(f"{' and '.join(given)} only apply with --watch (resubmit once: leave {'them' if len(given) > 1 else 'it'} out)")
     if args.watch:
         if args.name:
             raise UserError("--watch heals every --failed / --stale run; leave out NAME")
@@ -483,7 +487,8 @@ def cmd_runs_resubmit(args: argparse.Namespace) -> int:
 
         watch(
             args.runs_dir, failed=args.failed or not args.stale, stale=args.stale or not args.failed,
-            max_retries=args.max_retries, interval=args.interval, rounds=args.rounds, report=report,
+            max_retries=args.max_retries, interval=300.0 if args.interval is None else args.interval,
+            rounds=args.rounds, dry_run=args.dry_run, report=report,
         )
         return 0
     actions = resubmit(
@@ -864,7 +869,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-retries", type=int, default=3, metavar="N", help="resubmissions per run at most (default 3)")
     p.add_argument("--dry-run", action="store_true", help="say what would be resubmitted; submit nothing")
     p.add_argument("--watch", action="store_true", help="keep healing: repeat every --interval seconds")
-    p.add_argument("--interval", type=float, default=300.0, metavar="S", help="seconds between rounds (1..3600, default 300)")
+    p.add_argument("--interval", type=float, metavar="S", help="with --watch: seconds between rounds (1..3600, default 300)")
     p.add_argument("--rounds", type=int, metavar="N", help="with --watch: stop after N rounds (default: until Ctrl-C)")
     p.add_argument("--runs-dir", **sub_dir)
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS)

@@ -11,21 +11,29 @@ checkpoint, with the same wandb run. Never resubmitted:
   every ``resubmit`` event it has);
 - a run that is pending, running, preempted-requeued (SLURM brings it back) or finished.
 
-A SLURM run (one with a job in ``slurm_jobs.jsonl``) is submitted again with
+A SLURM run (one with a submit in its job record) is submitted again with
 :func:`wbscale.slurm.submit.submit`, with the partition, account, time limit, QoS,
 constraint and site file of its last submission, from the folder it was submitted from.
-A local run is started again in the background on this host (``wbscale fit --config
+A task of a job array (``slurm submit --array``, a sweep) whose folder holds no submit of
+its own is found by its job id (``<array>_<task>``) in the array's record — the folder the
+job was submitted as (its start names it), the sweep folder above it, or ``<run>`` for the
+task folder ``<run>-<task>`` — and submitted the same way, as one job for that task's
+folder. A run trained under SLURM whose submission cannot be found is refused (resubmit it
+with ``wbscale slurm submit``), never restarted here as a local process.
+A local run is started again in the background on this host (``wbscale fit
 <run>/recipe.yaml --resume auto``, output to ``<run>/resubmit-<n>.log``); one trained on
 another host is left to that host. Each resubmission is a ``resubmit`` event of the run
 (attempt, budget, the reason it died, the new job id or pid).
 
 ``--watch`` repeats this every ``--interval`` seconds (bounded: 1 s to 1 h), for
-``--rounds`` rounds (default: until interrupted), e.g. on a login node.
+``--rounds`` rounds (default: until interrupted), e.g. on a login node; with ``--dry-run``
+each round only says what it would resubmit.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -67,6 +75,66 @@ def _last_submit(run_dir: Path) -> dict[str, Any] | None:
     return submits[-1] if submits else None
 
 
+def _last_start(run_dir: Path) -> dict[str, Any]:
+    """The run's newest start: the recorder's, else the SLURM record's ({} if none)."""
+    starts = [e for e in store.read_events(run_dir) if e["event"] == "start"]
+    if not starts:
+        starts = [e for e in read_job_events(run_dir) if e.get("event") == "start"]
+    return starts[-1] if starts else {}
+
+
+def _slurm_job(start: dict[str, Any]) -> str | None:
+    value = start.get("job_id")
+    return str(value) if value not in (None, "", "local") else None
+
+
+def _array_record_dirs(run_dir: Path, start: dict[str, Any], task: str | None) -> list[Path]:
+    """Where the submit record of the array a task belongs to may be, most likely first."""
+    found: list[Path] = []
+    if start.get("slurm_run_dir"):
+        found.append(Path(str(start["slurm_run_dir"])))
+    found.append(run_dir.parent)  # a sweep folder
+    match = re.fullmatch(r"(.+)-(\d+)", run_dir.name)
+    if match and (task is None or match.group(2) == task):
+        found.append(run_dir.parent / match.group(1))  # `slurm submit --array`: <run>-<task>'s parent <run>
+    unique = []
+    for folder in found:
+        if folder.resolve() != run_dir.resolve() and folder.resolve() not in [u.resolve() for u in unique]:
+            unique.append(folder)
+    return unique
+
+
+def _array_submit(run_dir: Path, start: dict[str, Any], job_id: str) -> dict[str, Any]:
+    """The submit record of the job array whose task ``job_id`` trained ``run_dir``, or a
+    UserError that says what to do instead (never a local restart of a SLURM run)."""
+    array_job, _, task = job_id.partition("_")
+    looked = _array_record_dirs(run_dir, start, task or None)
+    if task:
+        for folder in looked:
+            submits = [e for e in read_job_events(folder) if e.get("event") == "submit"
+                       and str(e.get("job_id")) in (array_job, job_id)]
+            if submits:
+                return {**submits[-1], "array_record": str(folder)}
+    where = ", ".join(str(f) for f in looked) or "nowhere"
+    what = f"array task {job_id}" if task else f"SLURM job {job_id}"
+    raise UserError(
+        f"trained by {what}, but no `wbscale slurm submit` record of it was found (looked in {run_dir} and {where}); "
+        f"submit it to SLURM again by hand: wbscale slurm submit {run_dir / 'recipe.yaml'} [--partition …]"
+    )
+
+
+def _submission(run_dir: Path) -> dict[str, Any] | None:
+    """The submit record a SLURM run is resubmitted with (its own, or its array's); None for
+    a local run. A SLURM run whose record cannot be found raises a UserError."""
+    submit_event = _last_submit(run_dir)
+    if submit_event is None:
+        start = _last_start(run_dir)
+        job_id = _slurm_job(start)
+        if job_id is not None:  # an array task without a record of its own
+            submit_event = _array_submit(run_dir, start, job_id)
+    return submit_event
+
+
 def options_from_submit(submit: dict[str, Any]) -> JobOptions:
     """The job options a run was last submitted with (nodes and GPUs come from its recipe)."""
     saved = submit.get("options") if isinstance(submit.get("options"), dict) else {}
@@ -92,25 +160,33 @@ def refusal(row: RunRow, states: tuple[str, ...], max_retries: int) -> str | Non
 
 
 def _resubmit_slurm(row: RunRow, run_dir: Path, submit_event: dict[str, Any]) -> tuple[str, str]:
+    """One job (never an array: a task is resubmitted alone) training ``run_dir`` from its
+    saved recipe, with the job options ``submit_event`` recorded."""
     from wbscale.slurm.submit import submit
 
+    if not (run_dir / "recipe.yaml").is_file():
+        raise UserError(f"{run_dir} has no recipe.yaml to resubmit; submit it by hand with `wbscale slurm submit`")
     workdir = Path(submit_event.get("workdir") or row.workdir or Path.cwd())
+    if not workdir.is_dir():
+        raise UserError(f"the folder it was submitted from ({workdir}) is gone; submit it by hand with `wbscale slurm submit`")
     result = submit(str(run_dir / "recipe.yaml"), [], options_from_submit(submit_event), workdir=workdir)
     if result.run_dir.resolve() != run_dir.resolve():  # cannot happen for a folder submit wrote
         raise UserError(f"{run_dir}/recipe.yaml trains {result.run_dir}, not this folder; resubmit it by hand")
-    return str(result.job_id), f"job {result.job_id}"
+    via = f" (job options of array {submit_event['job_id']} from {submit_event['array_record']})" if submit_event.get("array_record") else ""
+    return str(result.job_id), f"job {result.job_id}{via}"
 
 
 def _resubmit_local(row: RunRow, run_dir: Path, attempt: int) -> tuple[int, str]:
-    starts = [e for e in store.read_events(run_dir) if e["event"] == "start"]
-    last = starts[-1] if starts else {}
+    last = _last_start(run_dir)
+    if _slurm_job(last):  # a SLURM run is never restarted as a local process
+        raise UserError(f"trained by SLURM job {last['job_id']}: resubmit it with `wbscale slurm submit`")
     if last.get("host") and last["host"] != socket.gethostname():
         raise UserError(f"trained on host {last['host']}: run `wbscale runs resubmit {row.name}` there")
     if last.get("torchrun"):
         raise UserError("launched by torchrun: relaunch it the same way with `--resume auto`")
     cwd = Path(last.get("cwd") or row.workdir or Path.cwd())
     log = run_dir / f"resubmit-{attempt}.log"
-    cmd = [sys.executable, "-m", "wbscale.cli", "fit", "--config", str(run_dir / "recipe.yaml"), "--resume", "auto", "--no-progress"]
+    cmd = [sys.executable, "-m", "wbscale.cli", "fit", str(run_dir / "recipe.yaml"), "--resume", "auto", "--no-progress"]
     pid = _spawn(cmd, cwd, log)
     return pid, f"pid {pid} on this host (log {log})"
 
@@ -156,11 +232,14 @@ def resubmit(
             continue
         run_dir = runs_dir / row.name
         attempt = row.retries + 1
-        if dry_run:
-            actions.append(Action(row.name, row.state, row.reason, "would-resubmit", f"attempt {attempt} of {max_retries}"))
-            continue
-        submit_event = _last_submit(run_dir)
         try:
+            submit_event = _submission(run_dir)
+            if dry_run:
+                how = (f"as a SLURM job with the options of job {submit_event['job_id']}" if submit_event is not None
+                       else "as a process on this host")
+                actions.append(Action(row.name, row.state, row.reason, "would-resubmit",
+                                      f"attempt {attempt} of {max_retries}, {how}"))
+                continue
             if submit_event is not None:
                 job_id, detail = _resubmit_slurm(row, run_dir, submit_event)
                 pid = None
@@ -188,17 +267,19 @@ def watch(
     max_retries: int = DEFAULT_MAX_RETRIES,
     interval: float = 300.0,
     rounds: int | None = None,
+    dry_run: bool = False,
     report: Callable[[list[Action]], None] | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> list[Action]:
-    """:func:`resubmit` every ``interval`` seconds (clamped to 1 s .. 1 h), ``rounds`` times."""
+    """:func:`resubmit` every ``interval`` seconds (clamped to 1 s .. 1 h), ``rounds`` times
+    (``dry_run``: only say, each round, what would be resubmitted)."""
     if rounds is not None and rounds < 1:
         raise UserError(f"--rounds must be >= 1 (got {rounds})")
     interval = min(MAX_INTERVAL_S, max(MIN_INTERVAL_S, float(interval)))
     done: list[Action] = []
     n = 0
     while rounds is None or n < rounds:
-        actions = resubmit(runs_dir, failed=failed, stale=stale, max_retries=max_retries)
+        actions = resubmit(runs_dir, failed=failed, stale=stale, max_retries=max_retries, dry_run=dry_run)
         done += actions
         if report is not None:
             report(actions)
