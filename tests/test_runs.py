@@ -22,7 +22,7 @@ from helpers import losses, tiny_overrides
 from wbscale.cli import main
 from wbscale.errors import UserError
 from wbscale.runs import heal, store
-from wbscale.runs.recorder import RunRecorder, classify, recipe_ref_from_argv, recording_failures
+from wbscale.runs.recorder import classify, recipe_ref_from_argv, recording_failures
 from wbscale.runs.state import derive, list_runs, matches, parse_filters
 from wbscale.slurm.record import append_event
 from wbscale.slurm.status import JobState, _task_ids, job_snapshot
@@ -80,6 +80,8 @@ WRITER = textwrap.dedent("""
         store.register(runs, run, recipe="demo", sweep=None)
         store.write_event(run, "tick", writer=who, i=i)
         store.write_progress(runs / "shared", {"step": i, "writer": who})
+        # every writer registers one common run with a field of its own (and a recipe of its own)
+        store.register(runs, runs / "common", **{f"k{who}": i, "recipe": f"r{who}"})
 """)
 READER = textwrap.dedent("""
     import sys
@@ -105,6 +107,14 @@ def test_concurrent_writers_and_readers_lose_nothing(tmp_path):
     assert sorted((e["writer"], e["i"]) for e in shared) == [(w, i) for w in range(writers) for i in range(n)]
     members = store.members(runs)
     assert {f"w{w}-{k}" for w in range(writers) for k in range(5)} <= set(members)
+    common = members["common"]
+    assert {f"k{w}" for w in range(writers)} <= set(common), common  # no writer dropped another's field
+    assert common["recipe"] in {f"r{w}" for w in range(writers)} and common["name"] == "common"
+    # one membership file per writer process; a re-registration with nothing new writes nothing
+    assert len(os.listdir(runs / ".registry" / "runs" / "common")) == writers
+    before = sorted(p.stat().st_mtime_ns for p in (runs / ".registry" / "runs" / "common").iterdir())
+    assert store.register(runs, runs / "common", recipe="other")["recipe"] == common["recipe"]
+    assert sorted(p.stat().st_mtime_ns for p in (runs / ".registry" / "runs" / "common").iterdir()) == before
     for w in range(writers):
         for k in range(5):
             got = sorted(e["i"] for e in store.read_events(runs / f"w{w}-{k}"))
@@ -118,19 +128,40 @@ def test_concurrent_writers_and_readers_lose_nothing(tmp_path):
 
 def test_a_lost_registry_is_rebuilt_from_the_run_folders(tmp_path):
     runs = tmp_path / "runs"
-    make_run(runs, "a")
+    a = make_run(runs, "a")
+    store.write_event(a, "start", argv=["/x/wbscale/cli.py", "fit", "demo", "--set", "model.n_layer=2"])
+    store.write_event(a, "start", argv=["/x/wbscale/cli.py", "fit", "--config", str(a / "recipe.yaml")])  # a resume
     make_run(runs / "sweeps" / "grid", "crate-L1")
-    (runs / "sweeps" / "grid" / "sweep.json").write_text("{}")
+    (runs / "sweeps" / "grid" / "sweep.json").write_text(json.dumps({"name": "grid", "recipe": "tiny"}))
+    make_run(runs / "sweeps" / "bare", "p0")
+    (runs / "sweeps" / "bare" / "sweep.json").write_text("{}")
     store.register(runs, runs / "a", recipe="demo")
     assert sorted(r.name for r in list_runs(runs)) == ["a"]  # shallow discovery only
     import shutil
 
     shutil.rmtree(runs / ".registry")
-    assert sorted(r.name for r in list_runs(runs)) == ["a", "sweeps/grid/crate-L1"]
-    assert store.members(runs)["a"].get("recipe") is None  # the recipe name went with the registry
+    assert sorted(r.name for r in list_runs(runs)) == ["a", "sweeps/bare/p0", "sweeps/grid/crate-L1"]
+    members = store.members(runs)
+    assert members["a"].get("recipe") == "demo" and not members["a"].get("sweep")  # the first start's RECIPE
+    assert (members["sweeps/grid/crate-L1"]["recipe"], members["sweeps/grid/crate-L1"]["sweep"]) == ("tiny", "grid")
+    assert members["sweeps/bare/p0"].get("sweep") == "bare" and not members["sweeps/bare/p0"].get("recipe")
+    # a submitted run: its submit record says
+    sub = make_run(runs, "sub")
+    append_event(sub, "submit", job_id="5", recipe="recipes/x.yaml")
+    store.rebuild(runs)
+    assert store.members(runs)["sub"]["recipe"] == "recipes/x.yaml"
+    # a membership written by an older version (one file per run) is still read, and merged
+    legacy = runs / ".registry" / "runs" / "old.json"
+    make_run(runs, "old")
+    legacy.write_text(json.dumps({"run_dir": "old", "name": "old", "registered": 1.0, "recipe": "legacy"}))
+    store.register(runs, runs / "old", sweep="s")
+    assert (store.members(runs)["old"]["recipe"], store.members(runs)["old"]["sweep"]) == ("legacy", "s")
+    store.unregister(runs, "old")
+    assert "old" not in store.members(runs) and not legacy.exists()
+    shutil.rmtree(runs / "old")
     # a folder deleted by hand leaves the registry at the next rebuild
     shutil.rmtree(runs / "a")
-    assert store.rebuild(runs) == ["sweeps/grid/crate-L1"]
+    assert store.rebuild(runs) == ["sub", "sweeps/bare/p0", "sweeps/grid/crate-L1"]
     # `slurm submit --array`'s parent folder holds no training: not a run
     parent = make_run(runs, "arr")
     append_event(parent, "submit", job_id="9", array="0-1")
@@ -276,36 +307,20 @@ def test_cli_records_bad_input_and_resubmit_never_retries_it(tmp_path):
     assert action.action == "skipped" and "bad input" in action.detail
 
 
-@pytest.fixture
-def recorded_fit(monkeypatch):
-    """``fit`` with the RunRecorder last in its callbacks (as build_callbacks will have it)."""
-    import wbscale.train.fit as fit_module
-
-    original = fit_module.build_callbacks
-
-    def build_callbacks(recipe, run_dir, *args, **kwargs):
-        callbacks = original(recipe, run_dir, *args, **kwargs)
-        if not any(isinstance(c, RunRecorder) for c in callbacks):
-            callbacks.append(RunRecorder(recipe, run_dir))
-        return callbacks
-
-    monkeypatch.setattr(fit_module, "build_callbacks", build_callbacks)
-    return fit_module.fit
-
-
-def test_a_real_fit_records_start_progress_and_end(tmp_path, recorded_fit, capsys):
+def test_a_real_fit_records_start_progress_and_end(tmp_path, capsys):
     from wbscale.config import load_recipe
+    from wbscale.train.fit import fit
 
     overrides = tiny_overrides(
         tmp_path, "rec", **{"train.max_steps": 4, "train.ckpt_every": 2, "train.val_every": 2, "train.exit_interval": 2,
                             "train.sample_max_new_tokens": 0, "tracking.metrics_every": 0},
     )
-    recorded_fit(load_recipe("demo", overrides), progress=False)
+    fit(load_recipe("demo", overrides), progress=False)  # fit puts the RunRecorder last in its callbacks
     runs = tmp_path / "runs"
     (row,) = list_runs(runs)
     assert (row.state, row.step, row.checkpoint) == ("failed", 2, 2)
     assert row.reason == "stopped early (train.exit_interval) at step 2"
-    recorded_fit(load_recipe("demo", [*overrides, "train.exit_interval=0"]), progress=False)
+    fit(load_recipe("demo", [*overrides, "train.exit_interval=0"]), progress=False)
     (row,) = list_runs(runs)
     metrics = losses(runs / "rec")
     assert (row.state, row.step, row.max_steps, row.checkpoint) == ("finished", 4, 4, 4)
@@ -352,7 +367,7 @@ def test_resubmit_local_runs_with_a_retry_budget(tmp_path, monkeypatch):
     (first,) = heal.resubmit(runs, failed=True, max_retries=2)
     assert first.action == "resubmitted" and first.pid
     cmd, cwd = started[0]
-    assert cmd[-6:] == ["fit", "--config", str(runs / "a" / "recipe.yaml"), "--resume", "auto", "--no-progress"]
+    assert cmd[-5:] == ["fit", str(runs / "a" / "recipe.yaml"), "--resume", "auto", "--no-progress"]  # RECIPE form
     assert Path(cwd) == tmp_path
     (row,) = list_runs(runs)
     assert row.state == "failed" and "exited before training started" in row.reason and row.retries == 1
@@ -390,6 +405,87 @@ def test_resubmit_of_a_slurm_run_repeats_its_job_options(tmp_path, monkeypatch):
     assert event["job_id"] == "42" and event["after_state"] == "stale" and "NODE_FAIL" in event["after"]
 
 
+def no_local_spawn(cmd, cwd, log):
+    raise AssertionError(f"a SLURM run was restarted as a local process: {cmd}")
+
+
+def test_resubmit_of_an_array_task_goes_through_slurm_with_the_arrays_options(tmp_path, monkeypatch):
+    """Tasks of `slurm submit --array` (folders <run>-<i>) and sweep points whose folder holds
+    no submit record of their own: found by job id in the array's record, resubmitted as
+    one SLURM job each with its options; a SLURM run without any record is refused."""
+    runs = tmp_path / "runs"
+    options = {"partition": "gpu", "account": "lab", "time": "02:00:00", "qos": "hi", "constraint": None, "site_path": None}
+    parent = make_run(runs, "seed")  # `slurm submit --array 0-1`: the array's record, no training
+    append_event(parent, "submit", job_id="50", array="0-1", recipe="demo", workdir=str(tmp_path), options=options)
+    task = make_run(runs, "seed-1")
+    store.write_event(task, "start", job_id="50_1", restart_count=0, host="node2", cwd=str(tmp_path))
+    store.write_event(task, "end", reason="terminated", exit_code=143, step=3, job_id="50_1")
+    sweep = runs / "sweeps" / "g"
+    point = make_run(sweep, "p0")
+    (sweep / "sweep.json").write_text(json.dumps({"name": "g", "recipe": "demo"}))
+    append_event(sweep, "submit", job_id="60", array="0", points=[str(point)], workdir=str(tmp_path),
+                 options={**options, "partition": "big"})
+    store.write_event(point, "start", job_id="60_0", restart_count=0, host="node1", slurm_run_dir=str(sweep))
+    hand = make_run(runs, "hand")  # sbatch'ed by hand: SLURM, but no submit record anywhere
+    store.write_event(hand, "start", job_id="70", restart_count=0, host=socket.gethostname(), cwd=str(tmp_path))
+    orphan = make_run(runs, "orphan-3")
+    store.write_event(orphan, "start", job_id="80_3", restart_count=0, host=socket.gethostname())
+    submitted = []
+
+    def fake_submit(recipe_ref, overrides, options, *, workdir, dry_run=False):
+        submitted.append((recipe_ref, overrides, options, workdir))
+        return SimpleNamespace(job_id=str(90 + len(submitted)), run_dir=Path(recipe_ref).parent)
+
+    monkeypatch.setattr("wbscale.slurm.submit.submit", fake_submit)
+    monkeypatch.setattr("wbscale.runs.heal._spawn", no_local_spawn)
+    monkeypatch.setattr("wbscale.slurm.status.job_snapshot",
+                        lambda ids: {i: JobState(i, "CANCELLED", 0, exit_code="0:15") for i in ids})
+    rows = {r.name: r for r in list_runs(runs)}
+    assert "seed" not in rows  # the array's parent holds no training
+    assert {n: rows[n].state for n in ("seed-1", "hand", "orphan-3")} == {"seed-1": "failed", "hand": "stale", "orphan-3": "stale"}
+    assert rows["sweeps/g/p0"].state == "stale"
+    dry = {a.name: a for a in heal.resubmit(runs, failed=True, stale=True, dry_run=True)}
+    assert dry["seed-1"].action == "would-resubmit" and "as a SLURM job with the options of job 50" in dry["seed-1"].detail
+    assert dry["hand"].action == "skipped" and not submitted
+
+    actions = {a.name: a for a in heal.resubmit(runs, failed=True, stale=True)}
+    assert actions["seed-1"].action == "resubmitted" and actions["seed-1"].job_id and actions["seed-1"].pid is None
+    assert "options of array 50" in actions["seed-1"].detail
+    assert actions["sweeps/g/p0"].action == "resubmitted" and actions["sweeps/g/p0"].pid is None
+    for name in ("hand", "orphan-3"):
+        assert actions[name].action == "skipped" and "wbscale slurm submit" in actions[name].detail, actions[name]
+    assert "SLURM job 70" in actions["hand"].detail and "array task 80_3" in actions["orphan-3"].detail
+    by_recipe = {Path(ref).parent.name: (ref, overrides, opts, workdir) for ref, overrides, opts, workdir in submitted}
+    assert set(by_recipe) == {"seed-1", "p0"}
+    ref, overrides, opts, workdir = by_recipe["seed-1"]
+    assert ref == str(task / "recipe.yaml") and overrides == [] and workdir == tmp_path  # one job, the task's own recipe
+    assert (opts.partition, opts.account, opts.time, opts.qos, opts.array) == ("gpu", "lab", "02:00:00", "hi", None)
+    assert by_recipe["p0"][2].partition == "big"
+    event = [e for e in store.read_events(task) if e["event"] == "resubmit"][0]
+    assert event["job_id"] == actions["seed-1"].job_id and "log" not in event  # no local process
+    assert not [e for e in store.read_events(hand) if e["event"] == "resubmit"]
+
+
+def test_resubmit_watch_dry_run_submits_nothing_and_interval_needs_watch(tmp_path, monkeypatch, capsys):
+    runs = tmp_path / "runs"
+    failed_local_run(runs, "w")
+    started = []
+    monkeypatch.setattr("wbscale.runs.heal._spawn", lambda cmd, cwd, log: started.append(cmd) or dead_pid())
+    capsys.readouterr()
+    assert main(["runs", "resubmit", "--watch", "--dry-run", "--rounds", "2", "--interval", "1", "--runs-dir", str(runs)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("would-resubmit") == 2 and not started
+    assert not [e for e in store.read_events(runs / "w") if e["event"] == "resubmit"]
+    seen = []
+    heal.watch(runs, rounds=1, dry_run=True, report=seen.append, sleep=lambda s: None)
+    assert [a.action for a in seen[0]] == ["would-resubmit"] and not started
+    for flags, named in ((["--interval", "5"], "--interval"), (["--rounds", "2"], "--rounds"),
+                         (["--interval", "5", "--rounds", "2"], "--interval and --rounds")):
+        assert main(["runs", "resubmit", "--failed", *flags, "--runs-dir", str(runs)]) == 2, flags
+        assert f"{named} only apply with --watch" in capsys.readouterr().err
+    assert not started
+
+
 def test_watch_is_bounded(tmp_path, monkeypatch):
     runs = tmp_path / "runs"
     failed_local_run(runs, "w")
@@ -420,7 +516,7 @@ def test_runs_cli_errors_exit_2(tmp_path, capsys):
 def test_local_sweep_registers_every_point_and_sweep_status_shows_them(tmp_path, monkeypatch, capsys):
     from wbscale.sweep.grid import SweepSpec, parse_grid, run_sweep
 
-    monkeypatch.setattr("wbscale.data.prepare.prepare", lambda cfg, progress=True: None)
+    monkeypatch.setattr("wbscale.data.prepare.prepare", lambda cfg, progress=True, **kwargs: None)
     fixed, axes = parse_grid(["model.n_layer=1,2", f"train.runs_dir={tmp_path / 'runs'}"])
     spec = SweepSpec("demo", fixed, axes, name="g")
     seen = []

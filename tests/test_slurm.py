@@ -128,6 +128,56 @@ def restore_signals():
         signal.signal(s, h)
 
 
+# ---------------------------------------------------------------------------- the job record
+
+RECORD_WRITER = """
+import sys
+from pathlib import Path
+from wbscale.slurm.record import append_event
+run, who, n = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+for i in range(n):
+    append_event(run, "preempt" if who % 2 else "cancel", writer=who, i=i)
+"""
+
+
+def test_job_record_is_one_file_per_event_with_a_view_and_old_records_still_read(tmp_path):
+    """Several hosts write a run's job record at once (cancel on the login node, preempt on a
+    compute node): every event is its own file, nothing is lost; slurm_jobs.jsonl stays a
+    readable view, and a record appended by an older version is still read."""
+    import subprocess
+    import sys
+
+    from wbscale.slurm.record import EVENTS_DIR, JOBS_FILE, append_event
+    from wbscale.slurm.status import resolve_run
+
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / JOBS_FILE).write_text('{"event": "submit", "job_id": "7", "time": "2024-01-01T00:00:00+0000"}\n'
+                                 '{"event": "start", "job_id": "7"}\n{"event": "pre')  # torn by a crash
+    assert [e["event"] for e in read_events(old)] == ["submit", "start"]
+    append_event(old, "cancel", job_ids=["7"])
+    assert [e["event"] for e in read_events(old)] == ["submit", "start", "cancel"]
+    view = [json.loads(line) for line in (old / JOBS_FILE).read_text().splitlines()]
+    assert [e["event"] for e in view] == ["submit", "start", "cancel"] and view[2]["id"]
+    assert len(list((old / EVENTS_DIR).glob("*.json"))) == 1
+    assert resolve_run(str(old)) == old.resolve()
+
+    run = tmp_path / "shared"
+    writers, n = 4, 40
+    procs = [subprocess.Popen([sys.executable, "-c", RECORD_WRITER, str(run), str(w), str(n)]) for w in range(writers)]
+    for proc in procs:
+        assert proc.wait(timeout=240) == 0
+    rows = read_events(run)
+    assert sorted((e["writer"], e["i"]) for e in rows) == [(w, i) for w in range(writers) for i in range(n)]
+    assert all(e["host"] and e["id"] for e in rows)
+    assert len(list((run / EVENTS_DIR).glob("*.json"))) == writers * n
+    for line in (run / JOBS_FILE).read_text().splitlines():  # the view: whole lines only
+        json.loads(line)
+    append_event(run, "cancel", writer=-1, i=0)  # a writer alone leaves a complete view
+    assert len((run / JOBS_FILE).read_text().splitlines()) == writers * n + 1
+    assert not list(run.rglob(".*tmp-*"))
+
+
 # ---------------------------------------------------------------------------- job scripts
 
 
@@ -469,6 +519,7 @@ def test_sweep_array_cancel_preempt_runs_states_and_resubmit_heals(cluster, in_r
     assert main(["runs", "resubmit", "--failed", "--runs-dir", str(sweep_dir), "--json"]) == 0
     (action,) = json.loads(capsys.readouterr().out)
     assert action["name"] == names[1] and action["action"] == "resubmitted", action
+    assert action["pid"] is None and action["job_id"], action  # through SLURM, not a local process
     healed = action["job_id"]
     cluster.wait(healed, {"COMPLETED"}, JOB_TIMEOUT)
 
@@ -477,13 +528,24 @@ def test_sweep_array_cancel_preempt_runs_states_and_resubmit_heals(cluster, in_r
     rows = runs_json(capsys, sweep_dir)
     assert all(rows[n]["state"] == "finished" and rows[n]["checkpoint"] == max_steps for n in names), rows
     assert rows[names[1]]["jobs"] == [f"{array}_1", healed] and rows[names[1]]["retries"] == 1
-    # every task wrote its own registry files at once: nothing lost
+    # every task wrote its own registry files at once: nothing lost, every start and end there
     for run in runs:
         kinds = [e["event"] for e in store_events(run)]
         assert kinds.count("start") == kinds.count("end") >= 1, (run.name, kinds)
-    assert [e["event"] for e in store_events(runs[1])] == ["start", "end", "resubmit", "start", "end"]
+    ends = lambda run: [(e["event"], e.get("reason"), e.get("job_id")) for e in store_events(run)]  # noqa: E731
+    assert ends(runs[0]) == [("start", None, f"{array}_0"), ("end", "finished", f"{array}_0")]
+    assert ends(runs[1]) == [("start", None, f"{array}_1"), ("end", "terminated", f"{array}_1"),
+                             ("resubmit", None, healed), ("start", None, healed), ("end", "finished", healed)]
+    assert ends(runs[2]) == [("start", None, f"{array}_2"), ("end", "requeued", f"{array}_2"),
+                             ("start", None, f"{array}_2"), ("end", "finished", f"{array}_2")]
     resumed = [e for e in store_events(runs[1]) if e["event"] == "start"][1]
     assert resumed["resumed_from"] == cancel_step and resumed["job_id"] == healed
+    # each task is its own wandb run, kept across its requeue / resubmission
+    ids = [(run / "wandb_id.txt").read_text().strip() for run in runs]
+    assert all(ids) and len(set(ids)) == len(runs), ids
+    for run, rid in zip(runs, ids, strict=True):
+        assert set(wandb_ids(run)) == {rid}, (run.name, wandb_ids(run), rid)
+        assert {e["wandb"]["id"] for e in store_events(run) if e["event"] == "start"} == {rid}, run.name
     assert set(runs_json(capsys, in_root / "runs")) >= {f"sweeps/arr/{n}" for n in names}
     capsys.readouterr()
     assert main(["runs", "show", names[1], "--runs-dir", str(sweep_dir)]) == 0
