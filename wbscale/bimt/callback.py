@@ -9,7 +9,8 @@ The model and ``training_step`` stay untouched (docs/architecture.md: BIMT is a 
   stays the task loss; the cost is logged as ``bimt/connection_cost``.
   Under DeepSpeed the gradients live in DeepSpeed's buffers by then, so the same term is
   added by gradient hooks on the parameters instead (per micro-batch, divided by the
-  accumulation steps).
+  accumulation steps). :class:`wbscale.dist.WeightEditor` makes that choice, and every
+  other one that depends on the strategy: the callback never asks which strategy runs.
 - Swaps: every ``swap_every`` optimizer steps, at the start of the next step (so a
   checkpoint written at a step boundary never sits between a step and its swap, and a
   resumed run swaps exactly where the uninterrupted one did). Rank 0 decides each group's
@@ -40,9 +41,8 @@ from torch import Tensor, nn
 from wbscale.bimt.cost import add_cost_gradient, cost_gradient, lambda_at, modularity_metrics
 from wbscale.bimt.geometry import Geometry, geometry_from_config, tensor
 from wbscale.bimt.prune import prune_
-from wbscale.bimt.swaps import apply_permutation, compose, decide_swaps
-from wbscale.dist import StrategyInfo, strategy_info
-from wbscale.errors import UserError
+from wbscale.bimt.swaps import apply_permutation, compose, decide_swaps, parameter_moves
+from wbscale.dist import WeightEditor
 from wbscale.ranks import say
 from wbscale.track.step_metrics import log_step_metrics
 
@@ -110,9 +110,7 @@ class BIMTCallback(Callback):
         self.last_round: dict[str, float] = {}
         self.report: dict[str, Any] | None = None
         self._last_metrics_step = -1
-        self._strategy = StrategyInfo(deepspeed=False, zero_stage=None)
-        self._hooks: list[Any] = []
-        self._hook_coef = 0.0
+        self._editor: WeightEditor | None = None  # made in setup, from the trainer's strategy
 
     @classmethod
     def from_recipe(cls, recipe: Any, run_dir: str | Path, data_dir: str | Path) -> BIMTCallback:
@@ -131,53 +129,34 @@ class BIMTCallback(Callback):
         self.geom = geometry_from_config(model, self.cfg)
         for g in self.geom.swappable():
             self.permutations.setdefault(g.name, torch.arange(g.units))
-        self._strategy = strategy_info(trainer.strategy)
-        if self._strategy.params_sharded:
-            raise UserError(
-                "bimt under DeepSpeed ZeRO-3 is not supported (parameters are sharded, so "
-                "neither the cost gradient nor the swaps can see full weights); use "
-                "distributed.strategy: ddp, or deepspeed with distributed.zero_stage 1 or 2"
-            )
-        if self._strategy.deepspeed and self._strategy.fp16:
-            raise UserError("bimt under DeepSpeed needs train.precision bf16-mixed or 32 (not 16-mixed)")
+        self._editor = WeightEditor(trainer.strategy, "bimt")  # refuses ZeRO-3 and DeepSpeed fp16
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._strategy.grads_in_params:
-            self._register_gradient_hooks(trainer, _lm(pl_module))
+        model = _lm(pl_module)
+        names = [c.name for c in self.geom.connections]
+        if self.geom.bias_penalty:
+            names += [c.bias for c in self.geom.connections if c.bias is not None]
+        self._editor.add_gradient_term(
+            {name: tensor(model, name) for name in names},
+            term=lambda name, coef: cost_gradient(model, self.geom, name, coef),
+            add_all=lambda coef: add_cost_gradient(model, self.geom, coef),
+            accumulate=trainer.accumulate_grad_batches,
+        )
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
+        self._editor.close()
 
     # ------------------------------------------------------------------ loss term
     def lam(self, step: int) -> float:
         return lambda_at(self.cfg.lambda_phases, step, self.max_steps)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        if self._strategy.grads_in_params:
-            add_cost_gradient(_lm(pl_module), self.geom, self.lam(trainer.global_step))
-
-    def _register_gradient_hooks(self, trainer: pl.Trainer, model: nn.Module) -> None:
-        accum = max(1, trainer.accumulate_grad_batches)
-        names = [c.name for c in self.geom.connections]
-        if self.geom.bias_penalty:
-            names += [c.bias for c in self.geom.connections if c.bias is not None]
-        for name in names:
-            p = tensor(model, name)
-
-            def hook(grad: Tensor, name: str = name) -> Tensor:
-                if self._hook_coef == 0.0:
-                    return grad
-                extra = cost_gradient(model, self.geom, name, self._hook_coef / accum)
-                return grad + extra.to(grad.dtype)
-
-            self._hooks.append(p.register_hook(hook))
+        self._editor.before_optimizer_step(self.lam(trainer.global_step))
 
     # ------------------------------------------------------------------ swaps
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
-        self._hook_coef = self.lam(step)
+        self._editor.set_coefficient(self.lam(step))
         every = self.cfg.swap_every
         if every and step > 0 and step % every == 0 and step != self.last_swap_step:
             self.swap_round(trainer, pl_module)
@@ -198,7 +177,7 @@ class BIMTCallback(Callback):
                 payload = trainer.strategy.broadcast(payload, src=0)
             perm, accepted, group_delta = payload
             if accepted:
-                self._apply(trainer, model, group.name, perm)
+                self._apply(model, group.name, perm)
                 self.permutations[group.name] = compose(self.permutations[group.name], perm)
             by_kind[group.kind] = by_kind.get(group.kind, 0) + int(accepted)
             delta += group_delta
@@ -222,13 +201,10 @@ class BIMTCallback(Callback):
         if any(v != values[0] for v in values):
             raise RuntimeError(f"bimt: ranks disagree after swap round {self.round} (weight fingerprints {values})")
 
-    def _apply(self, trainer: pl.Trainer, model: nn.Module, group: str, perm: Tensor) -> None:
-        if self._strategy.deepspeed:  # the fp32 master partitions and their moments too
-            from wbscale.bimt.zero import apply_permutation_zero
-
-            apply_permutation_zero(trainer, model, self.geom, group, perm)
-        else:
-            apply_permutation(model, self.geom, group, perm, trainer.optimizers[0] if trainer.optimizers else None)
+    def _apply(self, model: nn.Module, group: str, perm: Tensor) -> None:
+        """The weights and their gradients here; the optimizer state wherever the strategy keeps it."""
+        apply_permutation(model, self.geom, group, perm, state_fn=lambda p: [])
+        self._editor.permute_optimizer_state(parameter_moves(model, self.geom, group, perm))
 
     # ------------------------------------------------------------------ metrics
     def _log(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from wbscale.bimt.geometry import Connection, Geometry, Group, tensor
+from wbscale.dist import optimizer_moments
 
 
 @dataclass
@@ -268,16 +269,22 @@ def apply_permutation(
         if isinstance(t, nn.Parameter):
             if t.grad is not None:
                 permute_(t.grad, target.dim, index)
-            states = state_fn(t) if state_fn is not None else _adam_state(optimizer, t)
+            states = state_fn(t) if state_fn is not None else optimizer_moments(optimizer, t)
             for s in states:
                 permute_(s, target.dim, index)
 
 
-def _adam_state(optimizer: torch.optim.Optimizer | None, p: Tensor) -> list[Tensor]:
-    if optimizer is None:
-        return []
-    state = optimizer.state.get(p, {})
-    return [v for v in state.values() if isinstance(v, Tensor) and v.shape == p.shape]
+def parameter_moves(model: nn.Module, geom: Geometry, group: str, perm: Tensor) -> list[tuple[nn.Parameter, int, Tensor]]:
+    """``(parameter, dim, index)`` for every target of ``group`` that is a parameter: how its
+    optimizer state must move with the swap (:meth:`wbscale.dist.WeightEditor.permute_optimizer_state`)."""
+    g = geom.groups[group]
+    perm = perm.to(torch.long)
+    moves = []
+    for target in g.targets:
+        t = tensor(model, target.name)
+        if isinstance(t, nn.Parameter):
+            moves.append((t, target.dim, neuron_index(perm.to(t.device), g, target.tile)))
+    return moves
 
 
 def compose(total: Tensor, perm: Tensor) -> Tensor:
