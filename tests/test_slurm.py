@@ -424,7 +424,9 @@ def test_preemption_requeues_and_resumes_with_the_losses_of_an_uninterrupted_run
 
 @pytest.mark.slow
 def test_requeue_inside_a_job_array(cluster, in_root, capsys):
-    array_job = submit(capsys, sets(job_overrides(in_root, "sweep", **{"train.max_steps": 20})), "--array", "0-1")
+    max_steps = 120  # room for the signal to land mid-run even when steps take milliseconds
+    extra = {"train.max_steps": max_steps, "train.ckpt_every": 100, "train.val_every": 40}
+    array_job = submit(capsys, sets(job_overrides(in_root, "sweep", **extra)), "--array", "0-1")
     task_run = in_root / "runs" / "sweep-1"
     wait_for_step(task_run, 2)
     cluster.signal(f"{array_job}_1", "USR1")
@@ -435,11 +437,11 @@ def test_requeue_inside_a_job_array(cluster, in_root, capsys):
     cluster.wait(f"{array_job}_0", {"COMPLETED"}, JOB_TIMEOUT)
     for task in (0, 1):
         run = in_root / "runs" / f"sweep-{task}"
-        assert latest_checkpoint(run).step == 20, job_log(in_root / "runs" / "sweep", "job-*.err")[-3000:]
+        assert latest_checkpoint(run).step == max_steps, job_log(in_root / "runs" / "sweep", "job-*.err")[-3000:]
         assert load_recipe(str(run / "recipe.yaml")).train.seed == 1337 + task
     assert main(["slurm", "status", "sweep", "--runs-dir", str(in_root / "runs"), "--json"]) == 0
     rows = {r["job_id"]: r for r in json.loads(capsys.readouterr().out)[0]["jobs"]}
-    assert rows[f"{array_job}_1"]["requeues"] == 1 and rows[f"{array_job}_1"]["last_step"] == 20, rows
+    assert rows[f"{array_job}_1"]["requeues"] == 1 and rows[f"{array_job}_1"]["last_step"] == max_steps, rows
     assert rows[f"{array_job}_0"]["requeues"] == 0, rows
 
 
