@@ -119,7 +119,7 @@ def fake_fit(fail: set[str]):
 
 
 def test_a_failed_point_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
-    monkeypatch.setattr("wbscale.data.prepare.prepare", lambda cfg, progress=True: None)
+    monkeypatch.setattr("wbscale.data.prepare.prepare", lambda cfg, progress=True, **kw: None)
     fixed, axes = parse_grid(["model.n_layer=1,2,3"])
     spec = SweepSpec("demo", fixed, axes, out=str(tmp_path / "sw"))
     fit_fn, calls = fake_fit({"crate-L2"})
@@ -134,7 +134,7 @@ def test_a_failed_point_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch)
 
 
 def test_rerunning_keeps_the_record_and_another_grid_needs_another_folder(tmp_path, monkeypatch):
-    monkeypatch.setattr("wbscale.data.prepare.prepare", lambda cfg, progress=True: None)
+    monkeypatch.setattr("wbscale.data.prepare.prepare", lambda cfg, progress=True, **kw: None)
     fixed, axes = parse_grid(["model.n_layer=1,2"])
     out = str(tmp_path / "sw")
     run_sweep(SweepSpec("demo", fixed, axes, out=out), fit_fn=fake_fit(set())[0], progress=False)
