@@ -14,13 +14,13 @@ import importlib.resources
 import re
 import shlex
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from wbscale.config import Recipe
 from wbscale.errors import UserError
 from wbscale.slurm.record import SLURM_DIR
-from wbscale.slurm.site import JobOptions, SbatchOptions, SiteConfig, check_time
+from wbscale.slurm.site import JobOptions, JobSetup, SbatchOptions, SiteConfig, check_time
 
 # slurm/ in a checkout, wbscale/sbatch/ in an installed wheel
 TEMPLATES_DIR = Path(str(importlib.resources.files("wbscale.sbatch")))
@@ -31,7 +31,7 @@ ARRAY_SPEC = re.compile(r"^[0-9,\-:%]+$")
 
 
 @dataclass
-class JobSpec(SbatchOptions):
+class JobSpec(JobSetup, SbatchOptions):
     """Everything that goes into one job script."""
 
     run_name: str
@@ -47,11 +47,6 @@ class JobSpec(SbatchOptions):
     python: str
     seed: int
     array: str | None = None
-    cpus_per_task: int | None = None
-    modules: list[str] = field(default_factory=list)
-    env: dict[str, str] = field(default_factory=dict)
-    setup: list[str] = field(default_factory=list)
-    sbatch: list[str] = field(default_factory=list)
     # A sweep's job array: task i trains the run folder on line i + 1 of this file (its
     # own saved recipe.yaml); run_dir is then the sweep folder (script copy, logs).
     points_file: Path | None = None

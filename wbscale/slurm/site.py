@@ -46,15 +46,22 @@ class SbatchOptions:
     constraint: str | None = None
 
 
-@dataclass
-class SiteConfig(SbatchOptions):
-    """Cluster defaults for ``wbscale slurm submit``."""
+@dataclass(kw_only=True)
+class JobSetup:
+    """What a site file adds to every job script, and the script carries: CPUs per task,
+    ``module load`` lines, exported variables, raw setup lines, extra ``#SBATCH`` options."""
 
     cpus_per_task: int | None = None
     modules: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     setup: list[str] = field(default_factory=list)
     sbatch: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SiteConfig(JobSetup, SbatchOptions):
+    """Cluster defaults for ``wbscale slurm submit``."""
+
     python: str | None = None
     path: Path | None = None  # where it was read from (None: built-in defaults)
 
