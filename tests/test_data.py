@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import small_data_cfg
 
 from wbscale.bench.data import bench_prepare
 from wbscale.config import DataConfig
@@ -46,17 +47,7 @@ from wbscale.errors import UserError
 
 
 def small_cfg(tmp_path: Path, **kw) -> DataConfig:
-    base = dict(
-        source="synthetic-stories",
-        synthetic_documents=300,
-        vocab_size=400,
-        shard_tokens=4096,
-        val_fraction=0.1,
-        workers=1,
-        out_dir=str(tmp_path / "data"),
-    )
-    base.update(kw)
-    return DataConfig(**base)
+    return small_data_cfg(tmp_path / "data", **kw)
 
 
 def expected_text(cfg: DataConfig, split: str) -> str:

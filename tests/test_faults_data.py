@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import small_data_cfg as small_cfg
 
-from wbscale.config import DataConfig
 from wbscale.data import prepare as prep
 from wbscale.data import shards as shard_format
 from wbscale.data.manifest import STATE_FILE, load_manifest
@@ -33,20 +33,6 @@ linux_only = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="ne
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def small_cfg(out: Path, **kw) -> DataConfig:
-    base = dict(
-        source="synthetic-stories",
-        synthetic_documents=300,
-        vocab_size=400,
-        shard_tokens=4096,
-        val_fraction=0.1,
-        workers=1,
-        out_dir=str(out),
-    )
-    base.update(kw)
-    return DataConfig(**base)
 
 
 def write_recipe(path: Path, **data) -> Path:
