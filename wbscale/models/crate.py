@@ -32,7 +32,14 @@ from wbscale.config import ModelConfig
 from wbscale.errors import UserError
 from wbscale.kernels import ista
 from wbscale.kernels.general import ista_general, published_steps
-from wbscale.models.base import LanguageModel, LayerCache, LayerRoles, LinearMap, causal_attention, rotary
+from wbscale.models.base import (
+    LanguageModel,
+    LayerCache,
+    LayerRoles,
+    LinearMap,
+    causal_attention,
+    rotary,
+)
 
 
 class MSSA(nn.Module):
