@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import socket
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -58,3 +61,34 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         while n := f.readinto(buf):
             h.update(view[:n])
     return h.hexdigest()
+
+
+SAFE_NAME = re.compile(r"[^A-Za-z0-9.+-]+")  # what may appear in a file name built from a host name
+
+
+def write_unique(path: Path, data: bytes, sync: bool = True) -> None:
+    """Write ``path`` whole through a temp name unique to this host and process, then rename;
+    for files that many processes on a shared filesystem write side by side. ``sync``
+    fsyncs the file and (where the filesystem can) its folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    host = SAFE_NAME.sub("_", socket.gethostname())
+    tmp = path.with_name(f".{path.name}.tmp-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if sync:
+        try:
+            fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass  # some filesystems cannot fsync a directory; the rename is done either way

@@ -37,18 +37,17 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import re
 import shutil
 import socket
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
 
+from wbscale.io import SAFE_NAME, write_unique
 from wbscale.slurm.record import EVENTS_DIR as JOB_EVENTS_DIR
 from wbscale.slurm.record import JOBS_FILE
 from wbscale.slurm.record import read_events as read_job_events
@@ -65,37 +64,11 @@ SWEEP_FILE = "sweep.json"  # wbscale.sweep.grid.SWEEP_FILE (a sweep folder's rec
 SHALLOW_DEPTH = 1  # every read looks for unregistered run folders this deep (cheap)
 REBUILD_DEPTH = 3  # runs/sweeps/<name>/<point>
 _SEQ = itertools.count()
-_SAFE = re.compile(r"[^A-Za-z0-9.+-]+")
 _REGISTER_LOCK = threading.Lock()  # one writer per membership file, threads included
 
 
 def host() -> str:
     return socket.gethostname()
-
-
-def _write_file(path: Path, data: bytes, sync: bool = True) -> None:
-    """Write ``path`` whole through a temp name unique to this host and process, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{_SAFE.sub('_', host())}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            if sync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if sync:
-        try:
-            fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError:
-            pass  # some filesystems cannot fsync a directory; the rename is done either way
 
 
 def _read_json(path: Path) -> Any:
@@ -119,8 +92,8 @@ def write_event(run_dir: Path, event: str, **fields: Any) -> dict[str, Any]:
         "pid": os.getpid(),
         **fields,
     }
-    name = f"{time.time_ns():020d}-{event}-{_SAFE.sub('_', host())}-{os.getpid()}-{next(_SEQ)}.json"
-    _write_file(Path(run_dir) / EVENTS_DIR / name, (json.dumps(row, sort_keys=True, default=str) + "\n").encode())
+    name = f"{time.time_ns():020d}-{event}-{SAFE_NAME.sub('_', host())}-{os.getpid()}-{next(_SEQ)}.json"
+    write_unique(Path(run_dir) / EVENTS_DIR / name, (json.dumps(row, sort_keys=True, default=str) + "\n").encode())
     return row
 
 
@@ -144,7 +117,7 @@ def write_progress(run_dir: Path, progress: dict[str, Any]) -> None:
     """The trainer's latest progress (one writer: global rank 0). Not fsynced: a lost
     snapshot is replaced by the next one."""
     row = {"time": time.time(), "host": host(), "pid": os.getpid(), **progress}
-    _write_file(Path(run_dir) / PROGRESS_FILE, (json.dumps(row, sort_keys=True, default=str) + "\n").encode(), sync=False)
+    write_unique(Path(run_dir) / PROGRESS_FILE, (json.dumps(row, sort_keys=True, default=str) + "\n").encode(), sync=False)
 
 
 def read_progress(run_dir: Path) -> dict[str, Any]:
@@ -169,7 +142,7 @@ def _legacy_member_path(runs_dir: Path, rel: str) -> Path:
 
 
 def _writer_file(runs_dir: Path, rel: str) -> Path:
-    return _member_dir(runs_dir, rel) / f"{_SAFE.sub('_', host())}-{os.getpid()}.json"
+    return _member_dir(runs_dir, rel) / f"{SAFE_NAME.sub('_', host())}-{os.getpid()}.json"
 
 
 def relative_name(runs_dir: Path, run_dir: Path) -> str:
@@ -241,7 +214,7 @@ def register(runs_dir: Path, run_dir: Path, **info: Any) -> dict[str, Any]:
         for key, value in new.items():
             if row.get(key) in (None, ""):
                 row[key] = value
-        _write_file(path, (json.dumps(row, sort_keys=True, default=str) + "\n").encode())
+        write_unique(path, (json.dumps(row, sort_keys=True, default=str) + "\n").encode())
         return _merge(rel, [*(parts or []), row])
 
 
@@ -408,7 +381,7 @@ def read_index(runs_dir: Path) -> dict[str, Any]:
 def write_index(runs_dir: Path, rows: dict[str, dict[str, Any]]) -> bool:
     """Replace the index with what a reader derived; False when the folder is read-only."""
     try:
-        _write_file(
+        write_unique(
             registry_dir(runs_dir) / INDEX_FILE,
             (json.dumps({"updated": time.time(), "runs": rows}, sort_keys=True, default=str) + "\n").encode(),
             sync=False,

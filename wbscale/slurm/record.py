@@ -33,62 +33,33 @@ import itertools
 import json
 import os
 import platform
-import re
 import socket
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
-from wbscale.io import atomic_write_json
+from wbscale.io import SAFE_NAME, atomic_write_json, write_unique
 from wbscale.provenance import code_version
 
 JOBS_FILE = "slurm_jobs.jsonl"  # the view (and the whole record of runs submitted before events had files)
 EVENTS_DIR = "slurm_jobs.d"  # one file per event
 SLURM_DIR = "slurm"  # script copies, job logs and environment captures
 _SEQ = itertools.count()
-_SAFE = re.compile(r"[^A-Za-z0-9.+-]+")
 
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def _write_file(path: Path, data: bytes, sync: bool = True) -> None:
-    """Write ``path`` whole through a temp name unique to this host and process, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    host = _SAFE.sub("_", socket.gethostname())
-    tmp = path.with_name(f".{path.name}.tmp-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            if sync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if sync:
-        try:
-            fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError:
-            pass  # some filesystems cannot fsync a directory; the rename is done either way
-
-
 def append_event(run_dir: Path, event: str, **fields: Any) -> dict[str, Any]:
     """Record one event of the run's jobs (its own file), then refresh the view; returns the row."""
     run_dir = Path(run_dir)
     host = socket.gethostname()
-    stem = f"{time.time_ns():020d}-{_SAFE.sub('_', event)}-{_SAFE.sub('_', host)}-{os.getpid()}-{next(_SEQ)}"
+    stem = f"{time.time_ns():020d}-{SAFE_NAME.sub('_', event)}-{SAFE_NAME.sub('_', host)}-{os.getpid()}-{next(_SEQ)}"
     row = {"event": event, "time": now(), **fields, "id": stem, "host": fields.get("host", host)}
-    _write_file(run_dir / EVENTS_DIR / f"{stem}.json", (json.dumps(row, sort_keys=True) + "\n").encode("utf-8"))
+    write_unique(run_dir / EVENTS_DIR / f"{stem}.json", (json.dumps(row, sort_keys=True) + "\n").encode("utf-8"))
     try:
         _write_view(run_dir)
     except OSError:
@@ -135,7 +106,7 @@ def _file_rows(run_dir: Path) -> list[dict[str, Any]]:
 def _write_view(run_dir: Path) -> None:
     rows = read_events(run_dir)
     data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode("utf-8")
-    _write_file(Path(run_dir) / JOBS_FILE, data, sync=False)
+    write_unique(Path(run_dir) / JOBS_FILE, data, sync=False)
 
 
 def has_record(run_dir: Path) -> bool:
