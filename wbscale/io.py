@@ -92,3 +92,21 @@ def write_unique(path: Path, data: bytes, sync: bool = True) -> None:
                 os.close(fd)
         except OSError:
             pass  # some filesystems cannot fsync a directory; the rename is done either way
+
+
+def read_json_folder(folder: Path) -> list[tuple[str, dict[str, Any]]]:
+    """``(name, object)`` of every ``*.json`` in ``folder`` holding a JSON object, by name;
+    temp files (leading dot) and unreadable or half-written files are skipped."""
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".json") and not n.startswith("."))
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        try:
+            row = json.loads((Path(folder) / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError):
+            continue
+        if isinstance(row, dict):
+            found.append((name, row))
+    return found

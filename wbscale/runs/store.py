@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
 
-from wbscale.io import SAFE_NAME, write_unique
+from wbscale.io import SAFE_NAME, read_json_folder, write_unique
 from wbscale.slurm.record import EVENTS_DIR as JOB_EVENTS_DIR
 from wbscale.slurm.record import JOBS_FILE
 from wbscale.slurm.record import read_events as read_job_events
@@ -99,15 +99,9 @@ def write_event(run_dir: Path, event: str, **fields: Any) -> dict[str, Any]:
 
 def read_events(run_dir: Path) -> list[dict[str, Any]]:
     """Every event of a run, oldest first (unreadable or half-written files are skipped)."""
-    folder = Path(run_dir) / EVENTS_DIR
-    try:
-        names = sorted(n for n in os.listdir(folder) if n.endswith(".json") and not n.startswith("."))
-    except OSError:
-        return []
     rows = []
-    for name in names:
-        row = _read_json(folder / name)
-        if isinstance(row, dict) and isinstance(row.get("event"), str):
+    for _, row in read_json_folder(Path(run_dir) / EVENTS_DIR):
+        if isinstance(row.get("event"), str):
             row.setdefault("time", 0.0)
             rows.append(row)
     return sorted(rows, key=lambda r: float(r.get("time") or 0.0))

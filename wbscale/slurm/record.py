@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from wbscale.io import SAFE_NAME, atomic_write_json, write_unique
+from wbscale.io import SAFE_NAME, atomic_write_json, read_json_folder, write_unique
 from wbscale.provenance import code_version
 
 JOBS_FILE = "slurm_jobs.jsonl"  # the view (and the whole record of runs submitted before events had files)
@@ -86,20 +86,10 @@ def _legacy_rows(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def _file_rows(run_dir: Path) -> list[dict[str, Any]]:
-    folder = Path(run_dir) / EVENTS_DIR
-    try:
-        names = sorted(n for n in os.listdir(folder) if n.endswith(".json") and not n.startswith("."))
-    except OSError:
-        return []
     rows = []
-    for name in names:
-        try:
-            row = json.loads((folder / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError, UnicodeDecodeError):
-            continue
-        if isinstance(row, dict):
-            row.setdefault("id", name[: -len(".json")])
-            rows.append(row)
+    for name, row in read_json_folder(Path(run_dir) / EVENTS_DIR):
+        row.setdefault("id", name[: -len(".json")])
+        rows.append(row)
     return rows
 
 
