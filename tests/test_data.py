@@ -517,21 +517,28 @@ def test_lock_refuses_a_concurrent_prepare(tmp_path):
         os.close(fd)
 
 
-def test_lock_of_a_live_prepare_names_its_holder(tmp_path):
+def hold_prepare_lock(out, seconds: float):
+    """A child process holding ``out``'s prepare lock for ``seconds`` (returns once it holds it)."""
     import subprocess
 
-    from wbscale import locks
-
-    out = tmp_path / "data"
     hold = (
         "import sys, time\nfrom wbscale.locks import acquire\n"
-        "lock = acquire(sys.argv[1], 'wbscale data prepare')\nprint('held', flush=True)\ntime.sleep(60)\n"
+        "lock = acquire(sys.argv[1], 'wbscale data prepare')\nprint('held', flush=True)\n"
+        f"time.sleep({seconds})\n"
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", hold, str(out / prep.LOCK_FILE)], stdout=subprocess.PIPE, text=True
     )
+    assert proc.stdout is not None and proc.stdout.readline() == "held\n"
+    return proc
+
+
+def test_lock_of_a_live_prepare_names_its_holder(tmp_path):
+    from wbscale import locks
+
+    out = tmp_path / "data"
+    proc = hold_prepare_lock(out, seconds=60)
     try:
-        assert proc.stdout is not None and proc.stdout.readline() == "held\n"
         with pytest.raises(UserError, match=rf"another `wbscale data prepare` is writing to .*pid {proc.pid} on "):
             prep.prepare(small_cfg(tmp_path), progress=False)
         assert locks.read_holder(out / prep.LOCK_FILE).pid == proc.pid
@@ -545,19 +552,10 @@ def test_lock_of_a_live_prepare_names_its_holder(tmp_path):
 def test_fit_waits_for_a_live_prepare_of_its_data_folder(tmp_path, capfd, monkeypatch):
     # The runs of a sweep or a job array share one data folder and start together: the one
     # that finds it locked waits for the holder instead of failing.
-    import subprocess
-
     monkeypatch.setattr(prep, "LOCK_POLL_S", 0.1)
     out = tmp_path / "data"
-    hold = (
-        "import sys, time\nfrom wbscale.locks import acquire\n"
-        "lock = acquire(sys.argv[1], 'wbscale data prepare')\nprint('held', flush=True)\ntime.sleep(1.5)\n"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", hold, str(out / prep.LOCK_FILE)], stdout=subprocess.PIPE, text=True
-    )
+    proc = hold_prepare_lock(out, seconds=1.5)
     try:
-        assert proc.stdout is not None and proc.stdout.readline() == "held\n"
         started = time.monotonic()
         prep.prepare(small_cfg(tmp_path), progress=False, wait=True)
         assert proc.poll() is not None and time.monotonic() - started >= 0.5  # it waited for the holder
