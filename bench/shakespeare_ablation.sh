@@ -7,8 +7,9 @@
 # Run it from the repository root, next to shared/ (the recipes read
 # ../shared/data/tinyshakespeare.txt); a clean tree is enough, runs go to $ROOT:
 #
-#     bash bench/shakespeare_ablation.sh                 # everything (~1.5-2 h on 2 cores)
+#     bash bench/shakespeare_ablation.sh                 # everything (~4 h on 2 cores)
 #     ONLY=gpt2,crate bash bench/shakespeare_ablation.sh # some configurations
+#     ONLY=gpt2@4e-3 bash bench/shakespeare_ablation.sh  # one configuration at one LR
 #     REPORT_ONLY=1 bash bench/shakespeare_ablation.sh   # only re-write the report
 #
 # JOBS sweeps run side by side, each with nproc/JOBS threads (the numbers in the docs: 2
@@ -26,22 +27,30 @@ WBSCALE=${WBSCALE:-$( [[ -x .venv/bin/wbscale ]] && echo .venv/bin/wbscale || ec
 export WANDB_MODE=offline WANDB_SILENT=true
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}
 
-# name | recipe | learning rates | recipe overrides (space-separated KEY=VALUE)
+# name | recipe | learning rates | recipe overrides (space-separated KEY=VALUE). The larger
+# shape comes first: its sweeps are the longest, so the JOBS slots finish together.
+L6="model.n_layer=6 model.n_head=6 model.n_embd=144"  # the larger CPU shape: 6 layers, 6 heads, width 144
 CONFIGS=(
+  "gpt2-6L|shakespeare-char-gpt2|4e-3,2e-3|$L6"
+  "crate-6L|shakespeare-char-crate|2e-3|$L6"
+  "crate-rope-6L|shakespeare-char-crate|3e-3,2e-3|model.rope=true $L6"
   "gpt2|shakespeare-char-gpt2|4e-3,8e-3|"
+  "gpt2-rope|shakespeare-char-gpt2|4e-3,8e-3|model.rope=true"
   "crate|shakespeare-char-crate|3e-3,2e-3|"
-  "crate-rope|shakespeare-char-crate|3e-3,2e-3|model.mssa_rope=true"
-  "crate-rope-8L|shakespeare-char-crate|2e-3|model.mssa_rope=true model.n_layer=8"
+  "crate-rope|shakespeare-char-crate|3e-3,2e-3,4e-3|model.rope=true"
+  "crate-rope-alpha|shakespeare-char-crate|3e-3,4e-3|model.rope=true model.ista_residual=true model.ista_decoder=separate"
+  "crate-rope-8L|shakespeare-char-crate|2e-3|model.rope=true model.n_layer=8"
 )
 
-selected() { [[ -z $ONLY ]] || [[ ",$ONLY," == *",$1,"* ]]; }
+# ONLY: a comma-separated list of configuration names (every LR) or NAME@LR (one point)
+selected() { [[ -z $ONLY ]] || [[ ",$ONLY," == *",$1,"* ]] || [[ ",$ONLY," == *",$1@$2,"* ]]; }
 
 jobs_file=$(mktemp)
 trap 'rm -f "$jobs_file"' EXIT
 for entry in "${CONFIGS[@]}"; do
   IFS='|' read -r name recipe lrs sets <<<"$entry"
-  selected "$name" || continue
   for lr in ${lrs//,/ }; do
+    selected "$name" "$lr" || continue
     args=("$recipe" --lr "$lr" --seeds "$SEEDS" --name "$name-lr$lr" --out "$ROOT/$name/lr$lr" --no-progress)
     for s in $sets; do args+=(--set "$s"); done
     printf '%q ' "$WBSCALE" sweep run "${args[@]}" >>"$jobs_file"

@@ -40,7 +40,7 @@ OPTIONS = {
     "steps1": dict(ista_steps=1),
     "steps3": dict(ista_steps=3),
     "init_scale": dict(ista_init_scale=0.02),
-    "rope": dict(mssa_rope=True),
+    "rope": dict(rope=True),
     "all": ALL_ON,
     "square_all": dict(ista_variant="square", ista_residual=True, ista_learn_lambda=True,
                        ista_learn_eta=True, ista_steps=2, ista_init_scale=0.05),
@@ -272,11 +272,11 @@ def test_rotary_scores_depend_on_relative_position_only():
     torch.testing.assert_close(rotary(q, 5).norm(), q.norm())  # a rotation: norms kept
 
 
-def test_mssa_rope_rotates_query_and_key_copies_and_keeps_the_value():
+def test_rope_rotates_mssa_query_and_key_copies_and_keeps_the_value():
     from wbscale.models.base import rotary
 
-    rope = perturbed(make(mssa_rope=True))
-    published = make(mssa_rope=False)
+    rope = perturbed(make(rope=True))
+    published = make(rope=False)
     published.load_state_dict(rope.state_dict())  # same weights: rope adds no parameter
     attn = rope.transformer.h[0].attn
     x = torch.randn(2, 10, 16, generator=torch.Generator().manual_seed(4))
@@ -421,12 +421,11 @@ def test_recipe_keys_parse_and_validate():
         recipe_from_dict({}, ["model.ista_decoder=separate", "model.ista_variant=square"])
 
 
-def test_mssa_rope_recipe_key_validates():
-    assert recipe_from_dict({}, ["model.mssa_rope=true"]).model.mssa_rope
-    with pytest.raises(UserError, match="mssa_rope is a CRATE option"):
-        recipe_from_dict({}, ["model.mssa_rope=true", "model.arch=gpt2"])
+def test_rope_recipe_key_validates():
+    assert recipe_from_dict({}, ["model.rope=true"]).model.rope
+    assert recipe_from_dict({}, ["model.rope=true", "model.arch=gpt2"]).model.rope  # the GPT-2 control
     with pytest.raises(UserError, match="must be even"):
-        recipe_from_dict({}, ["model.mssa_rope=true", "model.n_embd=12", "model.n_head=4"])
+        recipe_from_dict({}, ["model.rope=true", "model.n_embd=12", "model.n_head=4"])
 
 
 def test_model_build_refuses_what_the_block_cannot_do():
@@ -439,7 +438,7 @@ def test_model_build_refuses_what_the_block_cannot_do():
 def test_nondefault_options_lists_what_is_on():
     assert nondefault_options(cfg(**ALL_ON)) == [
         "ista_residual", "ista_decoder", "ista_learn_lambda", "ista_learn_eta", "ista_steps", "ista_init_scale"]
-    assert nondefault_options(cfg(mssa_rope=True)) == ["mssa_rope"]
+    assert nondefault_options(cfg(rope=True)) == ["rope"]
     assert nondefault_options(cfg(ista_steps=2)) == []  # the published count, spelled out
 
 
@@ -484,9 +483,17 @@ def test_save_mode_other_than_all_warns_with_the_options_on():
         make(ista_steps=3, ista_save_activations=False)
 
 
-@pytest.mark.parametrize("option", [dict(mssa_rope=True), dict(ista_residual=True)])
+@pytest.mark.parametrize("option", [dict(rope=True), dict(ista_residual=True)])
 def test_hf_export_refuses_options_it_does_not_implement(option):
     from wbscale.ckpt.export_hf import hf_config
 
     with pytest.raises(UserError, match=f"model.{next(iter(option))}.*published CRATE block only"):
         hf_config(make(**option), None, torch.float32)
+
+
+def test_hf_export_refuses_gpt2_with_rope():
+    from wbscale.ckpt.export_hf import hf_config
+    from wbscale.models import GPT2
+
+    with pytest.raises(UserError, match="model.rope: Hugging Face's GPT2LMHeadModel has no rotary"):
+        hf_config(GPT2(ModelConfig(**{**TINY, "arch": "gpt2", "rope": True})), None, torch.float32)

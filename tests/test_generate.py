@@ -18,7 +18,10 @@ from wbscale.models.base import sample_next
 
 V, BLOCK = 50, 16
 TINY = dict(n_layer=2, n_head=2, n_embd=16, block_size=BLOCK, vocab_size=V, ista_kernel="eager")
-VARIANTS = [("crate", "overcomplete"), ("crate", "square"), ("gpt2", "overcomplete")]
+# (arch, variant): variant "rope" is the overcomplete CRATE or GPT-2 with model.rope (the
+# cache then holds rotated keys, and a new token's position comes from the cache length)
+VARIANTS = [("crate", "overcomplete"), ("crate", "square"), ("gpt2", "overcomplete"), ("crate", "rope"),
+            ("gpt2", "rope")]
 
 
 @pytest.fixture(autouse=True)
@@ -30,9 +33,11 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def make(arch: str = "crate", ista_variant: str = "overcomplete", seed: int = 0):
+def make(arch: str = "crate", variant: str = "overcomplete", seed: int = 0):
+    rope = variant == "rope"
     torch.manual_seed(seed)
-    return MODEL_CLASSES[arch](ModelConfig(arch=arch, ista_variant=ista_variant, **TINY)).eval()
+    config = ModelConfig(arch=arch, ista_variant="overcomplete" if rope else variant, rope=rope, **TINY)
+    return MODEL_CLASSES[arch](config).eval()
 
 
 def tokens(b: int, t: int, seed: int = 1) -> torch.Tensor:

@@ -287,6 +287,22 @@ def test_crate_white_box_forward_shapes_and_sparse_codes():
     assert square["sparse_code"][0].shape == (B, T, d)
 
 
+def test_gpt2_rope_rotates_queries_and_keys_and_adds_no_parameter():
+    from wbscale.models.base import rotary
+
+    rope, plain = make("gpt2", rope=True), make("gpt2")
+    plain.load_state_dict(rope.state_dict())  # same parameter names and shapes
+    attn = rope.transformer.h[0].attn
+    x = torch.randn(2, 10, 16, generator=torch.Generator().manual_seed(4))
+    out, k = attn(x)
+    q, k_raw, v = (z.view(2, 10, 2, 8).transpose(1, 2) for z in attn.c_attn(x).split(16, dim=2))
+    expected = F.scaled_dot_product_attention(rotary(q), rotary(k_raw), v, is_causal=True)
+    torch.testing.assert_close(out, attn.c_proj(expected.transpose(1, 2).reshape(2, 10, 16)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k, rotary(k_raw))  # the cached keys are the rotated ones
+    assert not torch.allclose(out, plain.transformer.h[0].attn(x)[0])
+    assert rope.flops_per_token(64) == plain.flops_per_token(64)  # rotations are not GEMMs
+
+
 def test_gpt2_white_box_forward_shapes():
     model = make("gpt2")
     c = model.config

@@ -23,7 +23,7 @@ LADDER = sorted(n for n in ALL if re.match(r"(tinystories-|gpt2-|crate-)", n))
 PAIRS = {"crate-base": "gpt2-124m", "crate-medium": "gpt2-350m", "crate-large": "gpt2-774m", "crate-xl": "gpt2-1.5b"}
 LADDER_SIZES = ("1m", "3m", "8m", "15m", "33m", "42m", "110m")
 # Named CRATE variants (docs/ablation.md): each has a twin of every TinyStories-ladder recipe.
-VARIANTS = {"crate-rope": {"mssa_rope": True}}
+VARIANTS = {"crate-rope": {"rope": True}}
 
 
 def closed_form_params(m: ModelConfig) -> int:

@@ -58,10 +58,12 @@ class ModelConfig:
     ista_learn_eta: bool = False  # a learned scalar step size per layer, initialised to ista_eta
     ista_steps: int | None = None  # ISTA iterations; None: the published count (overcomplete 2, square 1)
     ista_init_scale: float | None = None  # dictionary init: None = kaiming-uniform (published), x = N(0, x)
-    # MSSA option: rotate the query and key copies of W_k = X U_k by their positions (rotary
-    # embedding, base 10000) so a head's score <R_i U x_i, R_j U x_j> depends on i - j; the
-    # value stays W_k. Off = the published MSSA (scores <U x_i, U x_j>, largest for j = i).
-    mssa_rope: bool = False
+    # Rotary position embedding (base 10000) of the attention's queries and keys, on top of
+    # the learned absolute positions, so a head's scores depend on i - j. CRATE: the query and
+    # key copies of MSSA's W_k = X U_k are rotated, the value stays W_k (off = the published
+    # MSSA, scores <U x_i, U x_j>, largest for j = i). GPT-2: q and k are rotated (the control
+    # that separates RoPE's gain from CRATE's).
+    rope: bool = False
     # GPT-2 baseline: a hub id or local folder with HF GPT-2 safetensors to start from
     pretrained: str | None = None
 
@@ -609,12 +611,11 @@ def validate(r: Recipe) -> None:
 
 
 def _validate_ista_options(m: ModelConfig) -> None:
-    """The CRATE block options (ModelConfig.ista_residual ... ista_init_scale, mssa_rope)."""
-    if m.mssa_rope:
-        _check(m.arch == "crate", "model.mssa_rope is a CRATE option (MSSA); model.arch: gpt2 has no MSSA")
+    """The CRATE block options (ModelConfig.ista_residual ... ista_init_scale) and model.rope."""
+    if m.rope:
         _check(
             (m.n_embd // m.n_head) % 2 == 0,
-            f"model.mssa_rope rotates pairs of head dimensions: model.n_embd / model.n_head must be even "
+            f"model.rope rotates pairs of head dimensions: model.n_embd / model.n_head must be even "
             f"(got {m.n_embd // m.n_head})",
         )
     if m.ista_steps is not None:

@@ -110,6 +110,11 @@ def hf_config(model: LanguageModel, tok: Tokenizer | None, dtype: torch.dtype) -
         **_special_ids(tok),
     }
     if c.arch == "gpt2":
+        if c.rope:
+            raise UserError(
+                "model.rope: Hugging Face's GPT2LMHeadModel has no rotary positions, so a GPT-2 trained "
+                "with them cannot be exported as one; export a run with model.rope: false"
+            )
         return {
             "architectures": ["GPT2LMHeadModel"],
             "model_type": "gpt2",

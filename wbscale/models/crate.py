@@ -12,7 +12,7 @@ CUDA, picked by ``model.ista_kernel`` (docs/architecture.md, Kernels). Published
 read by ``wbscale.models.published``.
 
 The CRATE block options (``model.ista_residual``, ``ista_decoder``, ``ista_learn_lambda``,
-``ista_learn_eta``, ``ista_steps``, ``ista_init_scale``, and MSSA's ``mssa_rope``;
+``ista_learn_eta``, ``ista_steps``, ``ista_init_scale``) and ``model.rope`` (MSSA's rotary option;
 docs/architecture.md, "CRATE block options") are all off by default. The ones that change the block's function (a separate
 decoder, a learned lambda or eta, a step count other than the published one) run the
 general block ``wbscale.kernels.general.ista_general`` (same kernel choice, same fused Triton
@@ -45,7 +45,7 @@ from wbscale.models.base import (
 class MSSA(nn.Module):
     """Multi-head subspace self-attention: q = k = v = W_k = X U_k per head.
 
-    ``model.mssa_rope``: the query and key copies of W_k are rotated by their positions
+    ``model.rope``: the query and key copies of W_k are rotated by their positions
     (``rotary``), the value is W_k itself. The published scores <U x_i, U x_j> form a Gram
     matrix, so no token can score another above itself by more than the norms allow; rotated,
     a head can prefer the token k places back (a previous-token head) at no parameter cost.
@@ -55,7 +55,7 @@ class MSSA(nn.Module):
         super().__init__()
         self.n_head = config.n_head
         self.dropout = config.dropout
-        self.rope = config.mssa_rope
+        self.rope = config.rope
         self.c_attn = nn.Linear(config.n_embd, config.n_embd, bias=False)  # U = [U_1 .. U_K]
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -109,7 +109,7 @@ def nondefault_options(config: ModelConfig) -> list[str]:
         ("ista_learn_eta", config.ista_learn_eta),
         ("ista_steps", ista_steps(config) != published_steps(config.ista_variant)),
         ("ista_init_scale", config.ista_init_scale is not None),
-        ("mssa_rope", config.mssa_rope),
+        ("rope", config.rope),
     ]
     return [name for name, is_on in on if is_on]
 

@@ -26,16 +26,22 @@ from wbscale.models.base import (
     causal_attention,
     crop_positions,
     load_checked,
+    rotary,
 )
 
 
 class CausalSelfAttention(nn.Module):
-    """Standard multi-head causal attention; q, k, v from one ``c_attn`` (d -> 3d)."""
+    """Standard multi-head causal attention; q, k, v from one ``c_attn`` (d -> 3d).
+
+    ``model.rope``: q and k are rotated by their positions (``rotary``) before the scores;
+    the cache holds the rotated keys.
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_head = config.n_head
         self.dropout = config.dropout
+        self.rope = config.rope
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -51,6 +57,9 @@ class CausalSelfAttention(nn.Module):
             z.view(b, t, self.n_head, d // self.n_head).transpose(1, 2)
             for z in self.c_attn(x).split(d, dim=2)
         )
+        if self.rope:
+            start = 0 if cache is None else len(cache)
+            q, k = rotary(q, start), rotary(k, start)
         k_all, v_all = (k, v) if cache is None else cache.extend(k, v)
         y = causal_attention(q, k_all, v_all, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(b, t, d)
