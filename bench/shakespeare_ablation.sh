@@ -34,6 +34,7 @@ CONFIGS=(
   "gpt2-6L|shakespeare-char-gpt2|4e-3,2e-3|$L6"
   "crate-6L|shakespeare-char-crate|2e-3|$L6"
   "crate-rope-6L|shakespeare-char-crate|3e-3,2e-3|model.rope=true $L6"
+  "crate-rope-alpha-6L|shakespeare-char-crate|3e-3,2e-3|model.rope=true model.ista_residual=true model.ista_decoder=separate $L6"
   "gpt2|shakespeare-char-gpt2|4e-3,8e-3|"
   "gpt2-rope|shakespeare-char-gpt2|4e-3,8e-3|model.rope=true"
   "crate|shakespeare-char-crate|3e-3,2e-3|"
