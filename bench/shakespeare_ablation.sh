@@ -20,7 +20,7 @@ cd "$(dirname "$0")/.."
 
 ROOT=${ROOT:-runs/ablation/shakespeare-char}
 OUT=${OUT:-docs/ablation/shakespeare-char}
-SEEDS=${SEEDS:-3}
+SEEDS=${SEEDS:-3}  # >= 2: a single seed at one LR is a `wbscale fit`, not a sweep
 JOBS=${JOBS:-2}
 ONLY=${ONLY:-}
 WBSCALE=${WBSCALE:-$( [[ -x .venv/bin/wbscale ]] && echo .venv/bin/wbscale || echo wbscale )}
