@@ -204,7 +204,7 @@ def test_dry_run_single_node_script_has_the_srun_and_sbatch_lines(tmp_path, monk
         "srun --kill-on-bad-exit=1 --ntasks=1 \\",
     ]:
         assert line in script.splitlines(), f"missing line {line!r} in:\n{script}"
-    assert f"-m wbscale.cli fit --config {run}/recipe.yaml --resume auto --no-progress &" in script
+    assert f"-m wbscale.cli fit {run}/recipe.yaml --resume auto --no-progress &" in script
     assert f"-m wbscale.cli slurm record start {run}" in script
     assert "--gpus-per-node" not in script and "--partition" not in script
     assert not run.exists(), "a dry run must not create the run folder"

@@ -164,7 +164,7 @@ def test_slurm_dry_run_renders_one_job_array_for_the_sweep(tmp_path):
         'export WBSCALE_SLURM_RUN_DIR="$WBSCALE_TASK_RUN_DIR"',
     ]:
         assert line in lines, f"missing line {line!r} in:\n{script}"
-    assert '-m wbscale.cli fit --config "$WBSCALE_TASK_RUN_DIR/recipe.yaml" --resume auto --no-progress &' in script
+    assert '-m wbscale.cli fit "$WBSCALE_TASK_RUN_DIR/recipe.yaml" --resume auto --no-progress &' in script
     assert '-m wbscale.cli slurm record start "$WBSCALE_TASK_RUN_DIR"' in script
     assert "train.run_name=" not in script, "each task trains its own saved recipe, not an override"
     assert not (tmp_path / "sw").exists(), "a dry run must not write anything"

@@ -1,7 +1,7 @@
 """``wbscale slurm submit``: resolve the recipe, render the job script, sbatch it, remember it.
 
 The resolved recipe is saved as ``<run_dir>/recipe.yaml`` and the job trains exactly that
-(``wbscale fit --config <run_dir>/recipe.yaml --resume auto``), so a requeued job, or one
+(``wbscale fit <run_dir>/recipe.yaml --resume auto``), so a requeued job, or one
 started from another checkout, resumes the same run. The job id goes to
 ``<run_dir>/slurm_jobs.jsonl`` and the script SLURM runs to ``<run_dir>/slurm/job-<id>.sbatch``.
 If sbatch refuses the job, its message is shown and nothing this call created is left.
@@ -206,7 +206,7 @@ def submit_array(
 
     Each point's resolved recipe is saved as ``<run_dir>/recipe.yaml`` and its folder is
     line i + 1 of ``<sweep_dir>/slurm/points.txt``; the task reads its line by
-    ``SLURM_ARRAY_TASK_ID`` and runs ``wbscale fit --config <run_dir>/recipe.yaml --resume
+    ``SLURM_ARRAY_TASK_ID`` and runs ``wbscale fit <run_dir>/recipe.yaml --resume
     auto``, so a requeued task resumes its own point (own checkpoint, own wandb run) under
     the same preemption protocol as any job. ``tasks`` (default: all) are the points to
     submit; ``max_concurrent`` becomes SLURM's ``%N``. The array's submit event goes to
