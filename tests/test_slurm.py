@@ -391,8 +391,11 @@ def test_two_node_zero2_job_stops_all_ranks_together_when_one_rank_is_signalled(
 
 @pytest.mark.slow
 def test_preemption_requeues_and_resumes_with_the_losses_of_an_uninterrupted_run(cluster, in_root, capsys):
-    max_steps = 24  # room for the signal to land mid-run even when steps take milliseconds
-    extra = {"train.max_steps": max_steps, "train.ckpt_every": 100}  # only the preemption saves mid-run
+    # room for the signal to land mid-run even when steps take milliseconds: with 24 steps a
+    # quiet machine finished the run (about 1 s after step 2) before USR1 arrived
+    max_steps = 120
+    # only the preemption saves mid-run
+    extra = {"train.max_steps": max_steps, "train.ckpt_every": 1000, "train.val_every": 40}
     reference_job = submit(capsys, sets(job_overrides(in_root, "uninterrupted", **extra)))
     job = submit(capsys, sets(job_overrides(in_root, "preempted", **extra)))
     run_dir = in_root / "runs" / "preempted"
