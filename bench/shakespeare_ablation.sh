@@ -7,7 +7,7 @@
 # Run it from the repository root, next to shared/ (the recipes read
 # ../shared/data/tinyshakespeare.txt); a clean tree is enough, runs go to $ROOT:
 #
-#     bash bench/shakespeare_ablation.sh                 # everything (~4 h on 2 cores)
+#     bash bench/shakespeare_ablation.sh                 # everything (~3 h on 2 cores)
 #     ONLY=gpt2,crate bash bench/shakespeare_ablation.sh # some configurations
 #     ONLY=gpt2@4e-3 bash bench/shakespeare_ablation.sh  # one configuration at one LR
 #     REPORT_ONLY=1 bash bench/shakespeare_ablation.sh   # only re-write the report
